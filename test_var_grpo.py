@@ -13,8 +13,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # open_clip must never wait on a hub here
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import var_grpo as vg
 
@@ -124,6 +126,7 @@ def test_filter_top_k_top_p_by_hand():
     assert torch.isinf(vg.filter_top_k_top_p(logits, top_p=0.8))[0, 0].tolist() == [True, True, False, False]
     assert torch.isinf(vg.filter_top_k_top_p(logits, top_p=0.5))[0, 0].tolist() == [True, True, True, False]
     assert not torch.isinf(vg.filter_top_k_top_p(logits)).any()
+    assert not torch.isinf(vg.filter_top_k_top_p(logits, top_k=900)).any()  # k >= V: nothing to drop
     assert vg.filter_top_k_top_p(logits, top_k=1)[0, 0, 3] != inf
 
 
@@ -297,3 +300,257 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
     torch.save(sd, tmp_path / "bad.pth")
     with pytest.raises(vg.WeightsError, match=r"missing keys \['head.bias'\].*unexpected keys \['blocks.7.extra'\]"):
         vg.load_weights(meta_var(2), tmp_path / "bad.pth")
+
+
+# ------------------------------------------------------------------------------------------------
+# Rewards (offline: a tiny random open_clip model and the real LAION aesthetic head)
+# ------------------------------------------------------------------------------------------------
+
+AESTHETIC_FILE = TESTDATA / "aesthetic" / "sac+logos+ava1-l14-linearMSE.pth"
+# shared/README.md: the head scores LAION's mean embeddings of images rated 0..9 (printed to 2 decimals)
+RATING_SCORES = [1.66, 2.36, 3.07, 3.67, 4.24, 4.70, 5.07, 5.37, 5.58, 5.75]
+
+
+def test_real_aesthetic_head_scores_real_rating_embeddings():
+    with torch.device("meta"):
+        head = vg.AestheticHead()
+    head = vg.load_weights(head, AESTHETIC_FILE).eval()
+    emb = torch.tensor(np.stack([np.load(TESTDATA / f"aesthetic/l14_rating{i}.npy").reshape(-1) for i in range(10)]))
+    scores = head(emb * 3.0).tolist()  # the head normalises its input itself, so the scale must not matter
+    assert all(a < b for a, b in zip(scores, scores[1:]))
+    assert scores == pytest.approx(RATING_SCORES, abs=5e-3)  # half a unit of the last printed digit
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_file(tmp_path_factory):
+    """The tiny random CLIP's weights saved as a file, to go through the real --clip-ckpt loading path."""
+    import open_clip
+    torch.manual_seed(0)
+    model = open_clip.create_model(vg.register_tiny_clip())
+    path = tmp_path_factory.mktemp("clip") / "tiny_clip.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def real_path_cfg(tiny_clip_file, **kw):
+    return vg.Config(clip_model=vg.TINY_CLIP, clip_ckpt=str(tiny_clip_file), aesthetic_ckpt=str(AESTHETIC_FILE),
+                     device="cpu", **kw)
+
+
+def test_clip_and_aesthetic_reward_end_to_end(tiny_clip_file, monkeypatch):
+    import open_clip
+    calls = []
+    original = open_clip.model.CLIP.encode_text
+    monkeypatch.setattr(open_clip.model.CLIP, "encode_text", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    reward = vg.build_reward(real_path_cfg(tiny_clip_file, reward="clip=1,aesthetic=0.5", prompt="a red fox"), torch.device("cpu"))
+    images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        total, parts, features = reward(images)
+    assert len(calls) == 1  # the prompt is encoded once, at construction
+    assert total.shape == parts["clip"].shape == parts["aesthetic"].shape == (4,) and features.shape == (4, 768)
+    # clip is the cosine between the normalised image embedding and the prompt's embedding
+    clip = reward.clip
+    with torch.no_grad():
+        text = F.normalize(clip.encode_text(open_clip.get_tokenizer(vg.TINY_CLIP)(["a red fox"])), dim=-1)[0]
+        img = F.normalize(clip.encode_image(vg.clip_preprocess(images, 32, clip.visual.preprocess_cfg["mean"], clip.visual.preprocess_cfg["std"])), dim=-1)
+    torch.testing.assert_close(parts["clip"], img @ text)
+    torch.testing.assert_close(total, parts["clip"] + 0.5 * parts["aesthetic"])
+    assert parts["clip"].abs().max() <= 1
+
+
+def test_on_device_preprocess_matches_open_clip_transform(tiny_clip_file):
+    """Our tensor pipeline against open_clip's own PIL transform, on a non-square image (resize + crop)."""
+    import open_clip
+    from PIL import Image
+    _, _, transform = open_clip.create_model_and_transforms(vg.TINY_CLIP)
+    image = torch.rand(1, 3, 48, 80, generator=torch.Generator().manual_seed(0))
+    pil = Image.fromarray((image[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+    theirs = transform(pil).unsqueeze(0)
+    ours = vg.clip_preprocess(torch.from_numpy(np.array(pil)).permute(2, 0, 1)[None] / 255, 32,
+                              open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
+    assert ours.shape == theirs.shape == (1, 3, 32, 32)
+    assert (ours - theirs).abs().mean() < 0.02  # PIL resizes in uint8; this is the size of that rounding
+
+
+def test_weighted_combination_by_hand():
+    reward = vg.Reward({"top_brightness": 2.0})
+    images = torch.zeros(2, 3, 4, 4)
+    images[0] += 0.25             # uniform grey: top as bright as bottom -> 0
+    images[1, :, :2] = 1.0        # top half white, bottom black -> 1
+    images[1, 0, 2:] = 0.5        # ... but the bottom's red channel at 0.5: bottom mean 1/6 -> 5/6
+    total, parts, features = reward(images)
+    torch.testing.assert_close(parts["top_brightness"], torch.tensor([0.0, 5 / 6]))
+    torch.testing.assert_close(total, torch.tensor([0.0, 5 / 3]))
+    assert features.shape == (2, 3 * 8 * 8)
+
+
+def test_reward_spec_parsing_and_errors():
+    assert vg.parse_reward_spec("clip=1, aesthetic=0.05") == {"clip": 1.0, "aesthetic": 0.05}
+    for bad, msg in [("clipp=1", "unknown component 'clipp'"), ("clip=abc", "finite number"), ("clip", "finite number"),
+                     ("clip=nan", "finite number"), ("", "non-zero weight"), ("clip=0", "non-zero weight"),
+                     ("clip=1,clip=2", "twice")]:
+        with pytest.raises(ValueError, match=msg):
+            vg.parse_reward_spec(bad)
+
+
+def test_empty_prompt_long_prompt_and_wrong_embedding_size(tiny_clip_file, capsys):
+    with pytest.raises(ValueError, match="--prompt is empty"):
+        vg.build_reward(real_path_cfg(tiny_clip_file, reward="clip=1", prompt="  "), torch.device("cpu"))
+    vg.build_reward(real_path_cfg(tiny_clip_file, reward="clip=1", prompt="ukiyo-e " * 80), torch.device("cpu"))
+    assert "CLIP reads only the first 77" in capsys.readouterr().err
+    with pytest.raises(vg.WeightsError, match="needs --clip-ckpt"):
+        vg.build_reward(vg.Config(clip_model="ViT-B-32-quickgelu", reward="clip=1"), torch.device("cpu"))
+
+
+def test_non_finite_reward_names_the_component(tiny_clip_file):
+    reward = vg.build_reward(real_path_cfg(tiny_clip_file, reward="clip=1,aesthetic=1"), torch.device("cpu"))
+    reward.aesthetic.layers[7].bias.data.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="aesthetic reward is not finite"):
+        reward(torch.rand(2, 3, 32, 32))
+
+
+def test_group_diversity_by_hand():
+    e = torch.tensor([[1.0, 0], [2.0, 0],    # group 1: same direction -> distance 0
+                      [1.0, 0], [0, 3.0]])   # group 2: orthogonal -> distance 1
+    assert vg.group_diversity(e, 2) == pytest.approx(0.5)
+    three = torch.tensor([[1.0, 0], [-1.0, 0], [0, 1.0]])  # pairs: 2, 1, 1 -> mean 4/3
+    assert vg.group_diversity(three, 3) == pytest.approx(4 / 3)
+
+
+# ------------------------------------------------------------------------------------------------
+# GRPO: consistency of log-probs, the math by hand, a run that learns, exact resume, bad input
+# ------------------------------------------------------------------------------------------------
+
+def test_teacher_forced_logprobs_equal_sampling_logprobs(tiny):
+    """Before any update the policy's teacher-forced log-probs must be the ones recorded while sampling: with CFG
+    (both branches, the ramp) and a temperature. If this fails, rho != 1 and GRPO optimises the wrong thing."""
+    vae, var = tiny
+    label_B = torch.tensor([0, 0, 5, 9])
+    for cfg, temperature in [(2.5, 0.8), (0.0, 1.3), (1.5, 1.0)]:
+        s = vg.sample(var, vae, label_B, cfg=cfg, temperature=temperature, generator=torch.Generator().manual_seed(3),
+                      return_logprobs=True)
+        with torch.no_grad():
+            logp_BL = vg.token_logprobs(var, vae, label_B, s.tokens, cfg, temperature)
+        torch.testing.assert_close(logp_BL, s.logprob, atol=1e-4, rtol=0)
+        _, stats = vg.grpo_loss(logp_BL, s.logprob, torch.ones(4), None, 0.2, 0.0)
+        assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-4) and stats["clip_frac"] == 0
+
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
+    adv = vg.group_advantages(r, group_size=3, eps=0.0)
+    assert adv.tolist() == [-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]  # group 1: mean 2, std 1; group 2: constant -> 0, not NaN
+    adv = vg.group_advantages(r, group_size=3, eps=1e-4)
+    torch.testing.assert_close(adv, torch.tensor([-1 / 1.0001, 0, 1 / 1.0001, 0, 0, 0]))
+    adv = vg.group_advantages(torch.tensor([0.0, 4.0]), group_size=2, eps=0.0)  # std of {0, 4} with Bessel: 2*sqrt(2)
+    torch.testing.assert_close(adv, torch.tensor([-1, 1]) / math.sqrt(2))
+
+
+@pytest.mark.parametrize("adv, ratio, expected_loss, clipped", [
+    (+1.0, 1.5, -1.2, True),    # good action, ratio above 1+eps: the gain is capped at 1.2 and gives no gradient
+    (+1.0, 0.5, -0.5, False),   # good action made less likely: the unclipped (pessimistic) term counts
+    (-1.0, 1.5, +1.5, False),   # bad action made more likely: penalised in full
+    (-1.0, 0.5, +0.8, True),    # bad action already pushed below 1-eps: capped, no gradient
+])
+def test_clipped_surrogate_both_sides_by_hand(adv, ratio, expected_loss, clipped):
+    old = torch.full((1, 1), math.log(0.3))
+    new = (old + math.log(ratio)).requires_grad_(True)
+    loss, stats = vg.grpo_loss(new, old, torch.tensor([adv]), None, clip_eps=0.2, beta=0.0)
+    assert loss.item() == pytest.approx(expected_loss, abs=1e-6)
+    loss.backward()
+    assert (new.grad.abs().item() == 0) == clipped
+    assert stats["clip_frac"] == 1.0 and stats["ratio_mean"] == pytest.approx(ratio)
+
+
+def test_k3_kl_and_per_token_averaging_by_hand():
+    # image 0: token 0 has pi = 0.5, pi_ref = 0.25 -> q = log 0.5, k3 = 0.5 - log 0.5 - 1 = 0.193147; token 1 equal
+    # image 1: both tokens equal to the reference -> 0. Advantages 0, ratio 1: the loss is beta * mean of k3.
+    logp = torch.log(torch.tensor([[0.5, 0.2], [0.1, 0.7]]))
+    ref = torch.log(torch.tensor([[0.25, 0.2], [0.1, 0.7]]))
+    loss, stats = vg.grpo_loss(logp, logp.clone(), torch.zeros(2), ref, clip_eps=0.2, beta=0.5)
+    k3 = 0.5 - math.log(0.5) - 1
+    assert stats["kl"] == pytest.approx(k3 / 4, abs=1e-6)
+    assert loss.item() == pytest.approx(0.5 * ((k3 + 0) / 2 + (0 + 0) / 2) / 2, abs=1e-6)
+    # surrogate with ratio 1: per image -A, averaged over tokens then images
+    loss, _ = vg.grpo_loss(logp, logp.clone(), torch.tensor([2.0, -1.0]), None, clip_eps=0.2, beta=0.0)
+    assert loss.item() == pytest.approx((-2.0 + 1.0) / 2)
+
+
+def tiny_cfg(tmp_path, **kw):
+    return vg.Config(**{**vg.TINY_DEFAULTS, "tiny": True, "out": str(tmp_path), **kw})
+
+
+def test_tiny_run_learns_and_writes_its_outputs(tmp_path):
+    """The --tiny defaults: pixel-statistic reward, 100 steps on CPU. The mean reward of the last 20 steps must beat
+    the first 20 by more than 3 standard errors of that difference."""
+    result = vg.train(tiny_cfg(tmp_path / "run"))
+    rewards = np.array([r["reward_mean"] for r in result["records"]])
+    first, last = rewards[:20], rewards[-20:]
+    noise = np.sqrt(first.var(ddof=1) / 20 + last.var(ddof=1) / 20)
+    assert last.mean() - first.mean() > 3 * noise, (first.mean(), last.mean(), noise)
+    assert all(math.isfinite(r["kl"]) and r["kl"] >= 0 for r in result["records"])
+    run = tmp_path / "run"
+    for name in ["config.json", "metrics.jsonl", "checkpoint.pt", "var_final.pth", "reward_curve.png",
+                 "before_after.png", "eval_step00000.png", f"eval_step{vg.TINY_DEFAULTS['steps']:05d}.png"]:
+        assert (run / name).exists(), name
+    rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ["step", "reward_mean", "reward_std", "ratio_mean", "top_brightness_mean", "top_brightness_std", "adv_abs_mean",
+                "kl", "clip_frac", "approx_kl", "grad_norm", "diversity", "time_sample", "time_reward", "time_update",
+                "images_per_s", "peak_gpu_mem_gb", "eval_reward"]:
+        assert key in rec, key
+    # the exported weights carry the official key names: they load strictly into a fresh VAR
+    vg.load_weights(meta_var(vg.TINY_DEPTH), run / "var_final.pth")
+
+
+def test_resume_continues_exactly(tmp_path):
+    kw = dict(classes_per_step=2, group_size=4, minibatches=2, micro_batch=2, eval_every=100, save_every=100)
+    straight = vg.train(tiny_cfg(tmp_path / "a", steps=4, **kw))["var"]
+    vg.train(tiny_cfg(tmp_path / "b", steps=2, **kw))
+    resumed = vg.train(tiny_cfg(tmp_path / "b", steps=4, resume=True, **kw))["var"]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3]
+
+
+def test_tiny_run_with_clip_and_aesthetic_rewards(tmp_path):
+    result = vg.train(tiny_cfg(tmp_path / "c", reward="clip=1,aesthetic=0.1", steps=1, group_size=2, micro_batch=2))
+    rec = result["records"][0]
+    assert {"clip_mean", "aesthetic_mean"} <= set(rec) and 0 <= rec["diversity"] <= 2
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(group_size=1), "needs at least 2"),
+    (dict(classes_per_step=3, group_size=4, minibatches=2, micro_batch=4), "must split into --minibatches"),
+    (dict(classes="3,99"), "must lie in 0..9"),
+    (dict(reward="brightness=1"), "unknown component"),
+])
+def test_bad_configuration_is_rejected_before_any_work(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        vg.train(tiny_cfg(tmp_path / "x", **overrides))
+    assert not (tmp_path / "x" / "checkpoint.pt").exists()
+
+
+def test_resume_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no .*checkpoint.pt"):
+        vg.train(tiny_cfg(tmp_path / "r", resume=True, steps=1))
+    vg.train(tiny_cfg(tmp_path / "r", steps=1, group_size=2, micro_batch=2))
+    with pytest.raises(FileExistsError, match="--resume"):
+        vg.train(tiny_cfg(tmp_path / "r", steps=2, group_size=2, micro_batch=2))
+    with pytest.raises(ValueError, match="different model: vae_ckpt"):
+        vg.train(tiny_cfg(tmp_path / "r", steps=2, group_size=2, micro_batch=2, resume=True, vae_ckpt="other.pth"))
+
+
+def test_missing_weights_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(vg, "VAR_URL", "http://127.0.0.1:9/")  # nothing listens there: as good as offline
+    with pytest.raises(vg.WeightsError, match=r"http://127.0.0.1:9/vae_ch160v4096z32.pth.*by hand"):
+        vg.load_models(vg.Config(cache_dir=str(tmp_path)), torch.device("cpu"))
+    with pytest.raises(vg.WeightsError, match="does not exist"):
+        vg.load_models(vg.Config(vae_ckpt=str(tmp_path / "nope.pth")), torch.device("cpu"))
+
+
+def test_command_line_reports_bad_input_plainly(tmp_path):
+    import subprocess, sys
+    r = subprocess.run([sys.executable, str(HERE / "var_grpo.py"), "--tiny", "--group-size", "1", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "error: bad configuration" in r.stderr and "Traceback" not in r.stderr

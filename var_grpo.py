@@ -40,10 +40,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import hashlib
 import inspect
+import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -82,13 +85,61 @@ class Config:
     bench_batch: int = 2
     """batch size for --bench"""
     cfg: float = 1.5
-    """classifier-free guidance strength; ramped linearly over scales from 0 to cfg (official sampler)"""
+    """classifier-free guidance strength, ramped linearly over scales from 0 to cfg (1.5: the official FID setting)"""
     temperature: float = 1.0
-    """sampling temperature applied to the guided logits"""
-    top_k: int = 0
-    """keep only the k most likely tokens when sampling (0: off)"""
-    top_p: float = 0.0
-    """keep the smallest set of tokens with this much probability when sampling (0: off)"""
+    """sampling temperature applied to the guided logits, in rollouts and in the policy's log-probabilities alike"""
+    eval_top_k: int = 900
+    """top-k for evaluation images only (RL rollouts sample the full distribution, so their log-probs are exact)"""
+    eval_top_p: float = 0.96
+    """top-p for evaluation images only (0: off)"""
+    prompt: str = "ukiyo-e painting"
+    """text the CLIP reward pulls the images towards"""
+    reward: str = "clip=1,aesthetic=0.05"
+    """reward components and weights, name=weight,...: clip, aesthetic, top_brightness (--tiny: top_brightness=1)"""
+    clip_model: str = "ViT-L-14-quickgelu"
+    """open_clip model name; the OpenAI weights need the -quickgelu variant"""
+    clip_ckpt: str = ""
+    """CLIP weights: a local file or an open_clip pretrained tag; empty: download the OpenAI ViT-L/14 into the cache"""
+    aesthetic_ckpt: str = ""
+    """local path of sac+logos+ava1-l14-linearMSE.pth; empty: download it into the cache"""
+    steps: int = 300
+    """GRPO steps (each: sample P*G images, score them, update the policy)"""
+    classes: str = ""
+    """comma-separated ImageNet class ids to draw from (e.g. 207,360,980); empty: all classes"""
+    classes_per_step: int = 4
+    """P: class labels drawn per step"""
+    group_size: int = 8
+    """G: images sampled per class label; advantages are computed within each such group"""
+    lr: float = 1e-5
+    """AdamW learning rate"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (0: decaying towards zero would pull away from the pretrained weights; the KL term regularises)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping by global norm"""
+    clip_eps: float = 0.2
+    """epsilon of the clipped surrogate: rho is clipped to [1 - eps, 1 + eps]"""
+    beta: float = 0.01
+    """weight of the k3 KL penalty towards the starting model (0: no reference copy is kept)"""
+    adv_eps: float = 1e-4
+    """added to the group's reward std before dividing"""
+    inner_epochs: int = 1
+    """passes over each step's P*G samples"""
+    minibatches: int = 2
+    """optimizer steps per inner epoch; the P*G samples are split into this many minibatches"""
+    micro_batch: int = 8
+    """images per forward/backward pass; gradients accumulate over a minibatch (lower it to save memory)"""
+    grad_checkpointing: bool = False
+    """recompute each block's activations in the backward pass: less memory, ~30% slower updates"""
+    eval_every: int = 50
+    """save an evaluation grid every this many steps (also at step 0 and at the end)"""
+    num_eval: int = 8
+    """images in an evaluation grid, at fixed (class, seed) pairs"""
+    save_every: int = 50
+    """write a resumable checkpoint every this many steps (also at the end and on Ctrl-C)"""
+    out: str = ""
+    """output directory; empty: runs/<prompt>-d<depth>, or runs/tiny-<reward> with --tiny"""
+    resume: bool = False
+    """continue the run in --out from its checkpoint.pt"""
 
 
 def field_help(cls=Config) -> dict:
@@ -98,9 +149,14 @@ def field_help(cls=Config) -> dict:
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
 
 
+# --tiny changes these defaults (flags given explicitly still win): a CPU-sized run that learns in under a minute.
+TINY_DEFAULTS = dict(device="cpu", reward="top_brightness=1", steps=100, classes_per_step=2, group_size=8, lr=3e-4,
+                     minibatches=2, micro_batch=8, beta=0.01, eval_every=25, save_every=50)
+
+
 def parse_config(argv: Optional[List[str]] = None) -> Config:
     """The command line is derived from Config: one --flag per field, its docstring as help."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1], epilog=f"--tiny changes the defaults: {TINY_DEFAULTS}",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     helps = field_help()
     for f in fields(Config):
@@ -109,6 +165,8 @@ def parse_config(argv: Optional[List[str]] = None) -> Config:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps[f.name])
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default, help=helps[f.name])
+    if parser.parse_args(argv).tiny:
+        parser.set_defaults(**TINY_DEFAULTS)
     return Config(**vars(parser.parse_args(argv)))
 
 
@@ -128,7 +186,7 @@ def autocast(device: torch.device):
 OFFICIAL_ARCH = dict(vocab_size=4096, z_channels=32, ch=160, share_quant_resi=4, quant_resi=0.5,
                      patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), num_classes=1000,
                      attn_l2_norm=True, shared_aln=False, norm_eps=1e-6, mlp_ratio=4.0)
-TINY_ARCH = dict(OFFICIAL_ARCH, vocab_size=256, ch=32, patch_nums=(1, 2, 3, 4), num_classes=10)
+TINY_ARCH = dict(OFFICIAL_ARCH, vocab_size=16, ch=32, patch_nums=(1, 2, 3, 4), num_classes=10)
 TINY_DEPTH = 2
 
 
@@ -276,8 +334,8 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
         return self.nin_shortcut(x) + h
 
 
@@ -336,7 +394,7 @@ class Encoder(nn.Module):
             if hasattr(stage, "downsample"):
                 h = stage.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
 
 class Decoder(nn.Module):
@@ -368,7 +426,7 @@ class Decoder(nn.Module):
                     h = stage.attn[i](h)
             if hasattr(stage, "upsample"):
                 h = stage.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
 
 class Phi(nn.Conv2d):
@@ -587,6 +645,7 @@ class VAR(nn.Module):
         self.blocks = nn.ModuleList([AdaLNBlock(C, num_heads, mlp_ratio, norm_eps, attn_l2_norm, shared_aln) for _ in range(depth)])
         self.head_nm = AdaLNBeforeHead(C, norm_eps)
         self.head = nn.Linear(C, vocab_size)
+        self.grad_checkpointing = False
 
         # scale index of each token, and the block-causal mask: token i sees token j iff scale(j) <= scale(i)
         lvl_L = torch.cat([torch.full((pn * pn,), si) for si, pn in enumerate(patch_nums)])
@@ -612,7 +671,10 @@ class VAR(nn.Module):
             x_BLC = x_BLC + (self.lvl_embed(self.lvl_1L.expand(B, -1)) + self.pos_1LC)
         block_cond = self.block_cond(cond_BD)
         for block in self.blocks:
-            x_BLC = block(x_BLC, block_cond, self.attn_bias_for_masking)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x_BLC = torch.utils.checkpoint.checkpoint(block, x_BLC, block_cond, self.attn_bias_for_masking, use_reentrant=False)
+            else:
+                x_BLC = block(x_BLC, block_cond, self.attn_bias_for_masking)
         return self.logits(x_BLC, cond_BD)
 
 
@@ -653,7 +715,7 @@ def cfg_ramp(cfg: float, num_scales: int) -> List[float]:
 def filter_top_k_top_p(logits_BlV, top_k: int = 0, top_p: float = 0.0):
     """Set to -inf every logit outside the top-k, and outside the smallest set holding top_p of the probability.
     Same rule as the official sample_with_top_k_top_p_, not in place."""
-    if top_k > 0:
+    if 0 < top_k < logits_BlV.shape[-1]:  # top-k >= V keeps every token
         kth_BlV = logits_BlV.topk(top_k, dim=-1, sorted=False)[0].amin(dim=-1, keepdim=True)
         logits_BlV = logits_BlV.masked_fill(logits_BlV < kth_BlV, -torch.inf)
     if top_p > 0:
@@ -711,6 +773,493 @@ def sample(var: VAR, vae: VQVAE, label_B, cfg: float = 1.5, temperature: float =
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Rewards. A reward maps a batch of images in [0, 1] to one number per image. The text prompt enters the
+# method only here: VAR stays a class-conditional model and learns to make its classes look like the prompt.
+#   clip       cos(E_img(x), E_txt(prompt)), the raw cosine in [-1, 1] (no x100 "CLIP score" scaling).
+#              OpenAI CLIP ViT-L/14 (Radford et al. 2021) via open_clip; weights from the Hugging Face repo
+#              timm/vit_large_patch14_clip_224.openai.
+#   aesthetic  LAION "improved aesthetic predictor" (christophschuhmann/improved-aesthetic-predictor, Apache-2.0):
+#              an MLP on the L2-normalised ViT-L/14 image embedding, about 1 (ugly) to 10 (beautiful).
+#   top_brightness  mean brightness of the image's top half minus its bottom half, in [-1, 1]: a cheap pixel
+#              statistic for CPU demos and tests. Not plain brightness: the tiny random decoder's last GroupNorm
+#              has one channel per group and erases every global shift, so only spatial structure can be learned.
+# Both learned rewards read the same image embedding, so CLIP runs once per image. Default weights
+# clip=1, aesthetic=0.05: over LAION's rated images the aesthetic score spans ~4 points (testdata/aesthetic:
+# 1.66 for rating 0 to 5.75 for rating 9), the CLIP cosine of ViT-L/14 to a style prompt a few tenths, so at
+# 0.05 a full aesthetic point is worth a CLIP gain of 0.05: the prompt leads, aesthetics keep images clean.
+# ----------------------------------------------------------------------------------------------------------
+
+CLIP_URL = "https://huggingface.co/timm/vit_large_patch14_clip_224.openai/resolve/main/"
+CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+DEFAULT_CLIP = "ViT-L-14-quickgelu"
+AESTHETIC_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
+                 "sac%2Blogos%2Bava1-l14-linearMSE.pth")
+REWARD_NAMES = ("clip", "aesthetic", "top_brightness")
+# A tiny random CLIP for --tiny and the tests: 32 px images, 2 layers per tower, 768-d embeddings like ViT-L/14.
+TINY_CLIP = "var-grpo-tiny-clip"
+TINY_CLIP_CONFIG = {"embed_dim": 768, "quick_gelu": True,
+                    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+                    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+
+
+def parse_reward_spec(spec: str) -> dict:
+    """"clip=1,aesthetic=0.05" -> {"clip": 1.0, "aesthetic": 0.05}, with errors that say how to fix the flag."""
+    weights = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, eq, value = part.partition("=")
+        name = name.strip()
+        if name not in REWARD_NAMES:
+            raise ValueError(f"--reward: unknown component {name!r} in {spec!r}; choose from {', '.join(REWARD_NAMES)}, "
+                             f"e.g. --reward clip=1,aesthetic=0.05")
+        try:
+            weight = float(value) if eq else float("nan")
+        except ValueError:
+            weight = float("nan")
+        if not math.isfinite(weight):
+            raise ValueError(f"--reward: {part!r} needs a finite number after '=', e.g. {name}=1")
+        if name in weights:
+            raise ValueError(f"--reward: {name!r} is given twice in {spec!r}")
+        weights[name] = weight
+    if not weights or not any(weights.values()):
+        raise ValueError(f"--reward {spec!r} has no component with a non-zero weight, e.g. --reward clip=1")
+    return weights
+
+
+class AestheticHead(nn.Module):
+    """The LAION predictor's MLP (keys layers.{0,2,4,6,7}); dropout is inactive at inference and kept for the keys."""
+    def __init__(self, dim: int = 768):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+                                    nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+
+    def forward(self, emb_BD):
+        return self.layers(F.normalize(emb_BD.float(), dim=-1)).squeeze(-1)
+
+
+def clip_preprocess(images_B3HW, size: int, mean, std):
+    """open_clip's image transform on a batch already on the device: bicubic resize of the short side to `size`,
+    centre crop, normalise. (The PIL pipeline would copy every image to the CPU and back.)"""
+    H, W = images_B3HW.shape[-2:]
+    new_hw = (size, int(size * W / H)) if H <= W else (int(size * H / W), size)
+    x = F.interpolate(images_B3HW.float(), size=new_hw, mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
+    top, left = round((x.shape[-2] - size) / 2), round((x.shape[-1] - size) / 2)
+    x = x[..., top:top + size, left:left + size]
+    return (x - torch.tensor(mean, device=x.device).view(3, 1, 1)) / torch.tensor(std, device=x.device).view(3, 1, 1)
+
+
+def group_diversity(features_BD, group_size: int) -> float:
+    """Mean pairwise cosine distance 1 - cos(e_i, e_j) between the images of each group, averaged over groups.
+    Near 0 means a group's images all look alike: the policy has collapsed onto one reward-hacking image."""
+    e_PGD = F.normalize(features_BD.float(), dim=-1).view(-1, group_size, features_BD.shape[-1])
+    sim_PGG = e_PGD @ e_PGD.transpose(1, 2)
+    off_diagonal = sim_PGG.sum((1, 2)) - sim_PGG.diagonal(dim1=1, dim2=2).sum(1)
+    return (1 - off_diagonal / (group_size * (group_size - 1))).mean().item()
+
+
+class Reward(nn.Module):
+    """r(x) = sum_j w_j R_j(x). Call it on images (B, 3, H, W) in [0, 1]; it returns the total (B,), each
+    component (B,), and the features (B, D) the diversity is measured on (CLIP image embeddings when CLIP ran)."""
+    def __init__(self, weights: dict, clip_model=None, text_emb_D=None, aesthetic: Optional[AestheticHead] = None):
+        super().__init__()
+        self.weights, self.clip, self.aesthetic = weights, clip_model, aesthetic
+        self.register_buffer("text_emb_D", text_emb_D)  # the prompt, encoded once
+
+    @torch.no_grad()
+    def forward(self, images_B3HW):
+        parts, features_BD = {}, None
+        if self.clip is not None:
+            pp = self.clip.visual.preprocess_cfg
+            size = pp["size"] if isinstance(pp["size"], int) else pp["size"][0]
+            features_BD = F.normalize(self.clip.encode_image(clip_preprocess(images_B3HW, size, pp["mean"], pp["std"])).float(), dim=-1)
+            if "clip" in self.weights:
+                parts["clip"] = features_BD @ self.text_emb_D
+            if "aesthetic" in self.weights:
+                parts["aesthetic"] = self.aesthetic(features_BD)
+        if "top_brightness" in self.weights:
+            top, bottom = images_B3HW.float().chunk(2, dim=-2)
+            parts["top_brightness"] = top.mean((1, 2, 3)) - bottom.mean((1, 2, 3))
+        if features_BD is None:  # no CLIP: measure diversity on an 8x8 thumbnail, centred on grey
+            features_BD = (F.adaptive_avg_pool2d(images_B3HW.float(), 8) - 0.5).flatten(1)
+        for name, r_B in parts.items():
+            if not torch.isfinite(r_B).all():
+                raise FloatingPointError(f"the {name} reward is not finite for {(~torch.isfinite(r_B)).sum().item()} "
+                                         f"image(s); check the {name} model's weights (--{name}-ckpt) and its inputs")
+        total_B = sum(self.weights[name] * r_B for name, r_B in parts.items())
+        return total_B, parts, features_BD
+
+
+def register_tiny_clip() -> str:
+    """Write TINY_CLIP_CONFIG where open_clip looks for model configs; returns its model name."""
+    import tempfile, open_clip
+    d = Path(tempfile.gettempdir()) / "var_grpo_clip_configs"
+    d.mkdir(exist_ok=True)
+    (d / f"{TINY_CLIP}.json").write_text(json.dumps(TINY_CLIP_CONFIG))
+    open_clip.add_model_config(d)
+    return TINY_CLIP
+
+
+def clip_weights(cfg: Config) -> str:
+    """What open_clip's `pretrained` gets: --clip-ckpt (a file or a tag), else the OpenAI ViT-L/14 from the cache."""
+    if cfg.clip_ckpt:
+        return cfg.clip_ckpt
+    if cfg.clip_model != DEFAULT_CLIP:
+        raise WeightsError(f"--clip-model {cfg.clip_model} needs --clip-ckpt: a local weight file or an open_clip "
+                           f"pretrained tag (python -c 'import open_clip; print(open_clip.list_pretrained())').")
+    for i, name in enumerate(CLIP_FILES):  # prefer safetensors, fall back to the pickled file
+        try:
+            return str(download(CLIP_URL + name, cache_dir(cfg) / "clip-vit-l-14-openai" / name))
+        except WeightsError:
+            if i == len(CLIP_FILES) - 1:
+                raise
+
+
+def build_reward(cfg: Config, device: torch.device) -> Reward:
+    """The reward of --reward, with real CLIP / aesthetic weights, or random tiny ones under --tiny."""
+    weights = parse_reward_spec(cfg.reward)
+    clip_model = text_emb_D = aesthetic = None
+    if "clip" in weights or "aesthetic" in weights:
+        import open_clip
+        if "clip" in weights and not cfg.prompt.strip():
+            raise ValueError("--prompt is empty but the clip reward needs a text to compare the images with")
+        name = register_tiny_clip() if cfg.tiny else cfg.clip_model
+        clip_model = open_clip.create_model(name, pretrained=None if cfg.tiny else clip_weights(cfg)).to(device).eval()
+        clip_model.requires_grad_(False)
+        tokenizer = open_clip.get_tokenizer(name)
+        n_tokens = len(tokenizer.encode(cfg.prompt)) + 2  # + start and end of text
+        if n_tokens > tokenizer.context_length:
+            print(f"warning: the prompt has {n_tokens} CLIP tokens; CLIP reads only the first {tokenizer.context_length}, "
+                  f"the rest is cut", file=sys.stderr)
+        with torch.no_grad():
+            text_emb_D = F.normalize(clip_model.encode_text(tokenizer([cfg.prompt]).to(device)).float(), dim=-1)[0]
+        if "aesthetic" in weights:
+            dim = text_emb_D.shape[0]
+            if dim != 768:
+                raise ValueError(f"the aesthetic reward reads 768-d ViT-L/14 image embeddings, but {name} gives {dim}-d; "
+                                 f"use --clip-model ViT-L-14-quickgelu or drop aesthetic from --reward")
+            if cfg.tiny:
+                aesthetic = AestheticHead()
+            else:
+                with torch.device("meta"):
+                    aesthetic = AestheticHead()
+                aesthetic = load_weights(aesthetic, weight_path(cfg.aesthetic_ckpt, AESTHETIC_URL, cfg))
+            aesthetic = aesthetic.to(device).eval().requires_grad_(False)
+    return Reward(weights, clip_model, text_emb_D, aesthetic).to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GRPO (docstring steps 4-8). The policy's probability of a sampled image is the product over its 680 tokens
+# of the guided, temperature-scaled token distributions the sampler drew from; the teacher-forced pass below
+# recomputes exactly those distributions (both CFG branches, same ramp) with gradients, in one forward pass.
+# ----------------------------------------------------------------------------------------------------------
+
+def group_advantages(reward_B, group_size: int, eps: float):
+    """A_i = (r_i - mean_group) / (std_group + eps), std with Bessel's correction as in the GRPO paper's code.
+    A group whose rewards are all equal has r_i - mean = 0, so its advantages are 0 (nothing to learn), not NaN."""
+    r_PG = reward_B.view(-1, group_size)
+    diff_PG, std_P1 = r_PG - r_PG.mean(1, keepdim=True), r_PG.std(1, keepdim=True)
+    return torch.where(std_P1 > 0, diff_PG / (std_P1 + eps), 0.0).view(-1)  # explicit 0, also when eps = 0
+
+
+def token_logprobs(var: VAR, vae: VQVAE, label_B, tokens: List[torch.Tensor], cfg: float, temperature: float):
+    """log pi(a_t | a_<t, c) of every token of the given pyramids, under the guided distribution of `sample`. (B, L)"""
+    B, device = label_B.shape[0], label_B.device
+    with torch.no_grad():
+        x_BLCv = vae.quantize.tokens_to_var_input(tokens)
+    tokens_BL = torch.cat(tokens, dim=1)
+    with autocast(device):
+        if cfg == 0:  # no guidance: the null-class branch would be multiplied by 0, so don't compute it
+            logits_BLV = var(label_B, x_BLCv)
+        else:
+            logits_2BLV = var(torch.cat((label_B, torch.full_like(label_B, var.num_classes))), x_BLCv.repeat(2, 1, 1))
+            ramp = cfg_ramp(cfg, len(var.patch_nums))
+            lvl_L = var.lvl_1L[0]
+            w_cond_L1 = torch.tensor([1 + t for t in ramp], device=device)[lvl_L].unsqueeze(-1)  # same fp32 rounding
+            w_null_L1 = torch.tensor(ramp, device=device)[lvl_L].unsqueeze(-1)                   # as the sampler's
+            logits_BLV = w_cond_L1 * logits_2BLV[:B] - w_null_L1 * logits_2BLV[B:]
+    if temperature != 1.0:
+        logits_BLV = logits_BLV / temperature
+    return logits_BLV.float().log_softmax(-1).gather(-1, tokens_BL.unsqueeze(-1)).squeeze(-1)
+
+
+def grpo_loss(logp_BL, old_logp_BL, adv_B, ref_logp_BL: Optional[torch.Tensor], clip_eps: float, beta: float):
+    """GRPO's clipped surrogate plus beta * k3 KL, per token; mean over an image's tokens, then over images.
+    Returns the loss and a dict of diagnostics (all detached floats)."""
+    log_ratio_BL = logp_BL - old_logp_BL
+    ratio_BL = log_ratio_BL.exp()
+    adv_B1 = adv_B.unsqueeze(1)
+    surrogate_BL = -torch.min(ratio_BL * adv_B1, ratio_BL.clamp(1 - clip_eps, 1 + clip_eps) * adv_B1)
+    per_token_BL = surrogate_BL
+    kl_BL = torch.zeros_like(logp_BL)
+    if beta > 0:
+        q_BL = ref_logp_BL - logp_BL
+        kl_BL = q_BL.exp() - q_BL - 1  # k3: unbiased, always >= 0 (Schulman 2020)
+        per_token_BL = per_token_BL + beta * kl_BL
+    loss = per_token_BL.mean(1).mean(0)
+    with torch.no_grad():
+        stats = dict(kl=kl_BL.mean().item(), ratio_mean=ratio_BL.mean().item(),
+                     clip_frac=((ratio_BL - 1).abs() > clip_eps).float().mean().item(),
+                     approx_kl=((ratio_BL - 1) - log_ratio_BL).mean().item())  # k3 of KL(old || new)
+    return loss, stats
+
+
+def parse_classes(spec: str, num_classes: int) -> torch.Tensor:
+    """The class ids to train on: --classes, or all of them."""
+    if not spec.strip():
+        return torch.arange(num_classes)
+    try:
+        ids = [int(c) for c in spec.split(",") if c.strip()]
+    except ValueError:
+        raise ValueError(f"--classes {spec!r} must be comma-separated integers, e.g. --classes 207,360,980") from None
+    bad = [c for c in ids if not 0 <= c < num_classes]
+    if not ids or bad:
+        raise ValueError(f"--classes {spec!r}: class ids must lie in 0..{num_classes - 1} (got {bad or 'none'})")
+    return torch.tensor(ids)
+
+
+def check_config(cfg: Config):
+    """Reject bad settings before any model is loaded or any work is done."""
+    n = cfg.classes_per_step * cfg.group_size
+    problems = []
+    if cfg.group_size < 2:
+        problems.append(f"--group-size {cfg.group_size}: GRPO compares images within a group, so it needs at least 2")
+    if cfg.classes_per_step < 1 or cfg.minibatches < 1 or cfg.micro_batch < 1 or cfg.inner_epochs < 1 or cfg.steps < 1:
+        problems.append("--classes-per-step, --minibatches, --micro-batch, --inner-epochs and --steps must be >= 1")
+    elif n % cfg.minibatches or (n // cfg.minibatches) % cfg.micro_batch:
+        problems.append(f"P*G = {cfg.classes_per_step}*{cfg.group_size} = {n} images must split into --minibatches "
+                        f"{cfg.minibatches} of a whole number of --micro-batch {cfg.micro_batch} images; "
+                        f"e.g. --minibatches 1 --micro-batch {math.gcd(n, cfg.micro_batch)}")
+    if cfg.temperature <= 0 or cfg.clip_eps <= 0 or cfg.beta < 0 or cfg.lr <= 0 or cfg.cfg < 0:
+        problems.append("--temperature, --clip-eps and --lr must be > 0; --beta and --cfg >= 0")
+    if cfg.tiny and cfg.depth != Config.depth:
+        problems.append("--tiny uses a fixed tiny model; drop --depth")
+    if problems:
+        raise ValueError("bad configuration:\n  " + "\n  ".join(problems))
+    parse_reward_spec(cfg.reward)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Outputs: image grids and a reward curve a person looks at, a metrics JSONL to plot, atomic checkpoints.
+# ----------------------------------------------------------------------------------------------------------
+
+def save_grid(images_B3HW, path: Path, columns: int = 4):
+    from PIL import Image
+    B, _, H, W = images_B3HW.shape
+    rows = math.ceil(B / columns)
+    grid = torch.ones(3, rows * H, columns * W)
+    for i, img in enumerate(images_B3HW.float().cpu()):
+        grid[:, (i // columns) * H:(i // columns + 1) * H, (i % columns) * W:(i % columns + 1) * W] = img
+    Image.fromarray((grid.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()).save(path)
+
+
+def save_before_after(before: Path, after: Path, path: Path):
+    from PIL import Image, ImageDraw
+    a, b = Image.open(before), Image.open(after)
+    canvas = Image.new("RGB", (a.width + b.width + 16, max(a.height, b.height) + 20), "white")
+    canvas.paste(a, (0, 20))
+    canvas.paste(b, (a.width + 16, 20))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 4), f"before ({before.stem})", fill="black")
+    draw.text((a.width + 20, 4), f"after ({after.stem})", fill="black")
+    canvas.save(path)
+
+
+def save_reward_curve(records: List[dict], path: Path, width: int = 640, height: int = 360):
+    """Mean reward per step with a +-1 std band, drawn with PIL (matplotlib is not a runtime dependency)."""
+    from PIL import Image, ImageDraw
+    steps = [r["step"] for r in records]
+    mean = np.array([r["reward_mean"] for r in records])
+    std = np.array([r["reward_std"] for r in records])
+    lo, hi = float((mean - std).min()), float((mean + std).max())
+    hi = hi if hi > lo else lo + 1e-6
+    pad = 50
+    x = lambda s: pad + (s - steps[0]) / max(1, steps[-1] - steps[0]) * (width - 2 * pad)
+    y = lambda v: height - pad - (v - lo) / (hi - lo) * (height - 2 * pad)
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    band = [(x(s), y(m + d)) for s, m, d in zip(steps, mean, std)] + [(x(s), y(m - d)) for s, m, d in reversed(list(zip(steps, mean, std)))]
+    if len(steps) > 1:
+        draw.polygon(band, fill=(200, 220, 255))
+        draw.line([(x(s), y(m)) for s, m in zip(steps, mean)], fill=(20, 60, 200), width=2)
+    draw.rectangle([pad, pad, width - pad, height - pad], outline="black")
+    draw.text((pad, pad - 20), "reward (mean +- std over the step's images)", fill="black")
+    draw.text((4, pad), f"{hi:.4g}", fill="black")
+    draw.text((4, height - pad - 10), f"{lo:.4g}", fill="black")
+    draw.text((pad, height - pad + 8), f"step {steps[0]}", fill="black")
+    draw.text((width - pad - 60, height - pad + 8), f"step {steps[-1]}", fill="black")
+    img.save(path)
+
+
+def atomic_save(obj, path: Path):
+    """Write to a temporary file, then rename: a crash mid-write never leaves a truncated checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+MODEL_FIELDS = ("depth", "tiny", "var_ckpt", "vae_ckpt")  # a checkpoint only resumes with the same model
+
+
+def out_dir(cfg: Config) -> Path:
+    if cfg.out:
+        return Path(cfg.out)
+    slug = "".join(c if c.isalnum() else "-" for c in (f"tiny-{cfg.reward}" if cfg.tiny else f"{cfg.prompt}-d{cfg.depth}").lower())
+    return Path("runs") / "-".join(filter(None, slug.split("-")))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The training loop: sample -> score -> advantages -> a few clipped policy-gradient updates, logged each step.
+# ----------------------------------------------------------------------------------------------------------
+
+def evaluate(var, vae, reward_fn, cfg: Config, device, eval_labels, path: Path) -> float:
+    """Images at fixed (class, seed) pairs, the same at every evaluation, saved as a grid; returns their mean reward."""
+    var.eval()
+    gen = torch.Generator(device).manual_seed(cfg.seed + 10_000)
+    s = sample(var, vae, eval_labels, cfg.cfg, cfg.temperature, cfg.eval_top_k, cfg.eval_top_p, gen)
+    save_grid(s.image, path)
+    return reward_fn(s.image)[0].mean().item()
+
+
+def train(cfg: Config) -> dict:
+    check_config(cfg)
+    device = resolve_device(cfg.device)
+    out = out_dir(cfg)
+    ckpt_path = out / "checkpoint.pt"
+    if cfg.resume and not ckpt_path.exists():
+        raise FileNotFoundError(f"--resume: there is no {ckpt_path}; point --out at the run to continue")
+    if not cfg.resume and ckpt_path.exists():
+        raise FileExistsError(f"{out} already holds a run (checkpoint.pt); pass --resume to continue it or choose another --out")
+    if cfg.tiny:
+        print("--tiny: small random models on CPU. The images are meaningless noise; this run shows the mechanics "
+              "(sampling, rewards, advantages, clipped updates, KL) and that the reward rises.")
+    ck = None
+    if cfg.resume:  # check the model settings before loading anything
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file: holds RNG states and config
+        differs = {k: (ck["config"][k], getattr(cfg, k)) for k in MODEL_FIELDS if ck["config"][k] != getattr(cfg, k)}
+        if differs:
+            raise ValueError(f"--resume: {ckpt_path} was trained with a different model: " + ", ".join(
+                f"{k} was {a!r}, now {b!r}" for k, (a, b) in differs.items()) + ". Resume with the original settings.")
+    torch.manual_seed(cfg.seed)
+    vae, var = load_models(cfg, device)
+    reward_fn = build_reward(cfg, device)
+    ref = None
+    if cfg.beta > 0:  # frozen copy of the starting policy for the KL penalty
+        ref = copy.deepcopy(var).requires_grad_(False).eval()
+    var.grad_checkpointing = cfg.grad_checkpointing
+    opt = torch.optim.AdamW(var.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    class_gen = torch.Generator().manual_seed(cfg.seed)                 # which classes each step
+    sample_gen = torch.Generator(device).manual_seed(cfg.seed + 1)      # which tokens each rollout
+    shuffle_gen = torch.Generator().manual_seed(cfg.seed + 2)           # minibatch order
+    pool = parse_classes(cfg.classes, var.num_classes)
+    eval_labels = pool[torch.arange(cfg.num_eval) % len(pool)].to(device)
+    start = 0
+    out.mkdir(parents=True, exist_ok=True)
+    if ck is not None:
+        var.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        class_gen.set_state(ck["class_gen"]); shuffle_gen.set_state(ck["shuffle_gen"])
+        sample_gen.set_state(ck["sample_gen"])
+        start = ck["step"]
+        print(f"resumed {out} at step {start}")
+    (out / "config.json").write_text(json.dumps(vars(cfg), indent=1))
+    metrics_path = out / "metrics.jsonl"
+    records = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if r["step"] < start] \
+        if cfg.resume and metrics_path.exists() else []
+    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    if start == 0:
+        print(f"step 0 evaluation reward {evaluate(var, vae, reward_fn, cfg, device, eval_labels, out / 'eval_step00000.png'):.4f}")
+
+    def save_checkpoint(step: int):
+        atomic_save(dict(model=var.state_dict(), optimizer=opt.state_dict(), step=step, config=vars(cfg),
+                         class_gen=class_gen.get_state(), sample_gen=sample_gen.get_state(),
+                         shuffle_gen=shuffle_gen.get_state()), ckpt_path)
+
+    # Ctrl-C: finish the current step, save, and stop (a second Ctrl-C stops at once).
+    stop = []
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: (stop.append(1), print("\nCtrl-C: saving after this step"),
+                                                                 signal.signal(signal.SIGINT, previous_handler)))
+    from tqdm import tqdm
+    n_images = cfg.classes_per_step * cfg.group_size
+    mb_size = n_images // cfg.minibatches
+    step = start
+    try:
+        for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="GRPO", dynamic_ncols=True):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            # 1. rollout: P classes x G images from the current policy, with each token's log-prob
+            t0 = time.perf_counter()
+            label_P = pool[torch.randint(len(pool), (cfg.classes_per_step,), generator=class_gen)]
+            label_B = label_P.repeat_interleave(cfg.group_size).to(device)
+            var.eval()
+            roll = sample(var, vae, label_B, cfg.cfg, cfg.temperature, 0, 0.0, sample_gen, return_logprobs=True)
+            t1 = time.perf_counter()
+            # 2. reward, 3. group-relative advantages
+            reward_B, parts, features_BD = reward_fn(roll.image)
+            adv_B = group_advantages(reward_B, cfg.group_size, cfg.adv_eps)
+            t2 = time.perf_counter()
+            # 4. reference log-probs for the KL term: once per step, not per epoch
+            ref_logp_BL = None
+            if ref is not None:
+                with torch.no_grad():
+                    ref_logp_BL = torch.cat([token_logprobs(ref, vae, label_B[i:i + cfg.micro_batch],
+                                                            [t[i:i + cfg.micro_batch] for t in roll.tokens], cfg.cfg, cfg.temperature)
+                                             for i in range(0, n_images, cfg.micro_batch)])
+            # 5. clipped policy-gradient updates over minibatches, accumulating micro-batches
+            var.train()
+            step_stats, grad_norms = [], []
+            for _ in range(cfg.inner_epochs):
+                order = torch.randperm(n_images, generator=shuffle_gen).to(device)
+                for mb in order.view(cfg.minibatches, mb_size):
+                    opt.zero_grad(set_to_none=True)
+                    for idx in mb.view(-1, cfg.micro_batch):
+                        logp_BL = token_logprobs(var, vae, label_B[idx], [t[idx] for t in roll.tokens], cfg.cfg, cfg.temperature)
+                        loss, stats = grpo_loss(logp_BL, roll.logprob[idx], adv_B[idx],
+                                                None if ref_logp_BL is None else ref_logp_BL[idx], cfg.clip_eps, cfg.beta)
+                        (loss * (len(idx) / mb_size)).backward()
+                        step_stats.append(stats)
+                    grad_norms.append(torch.nn.utils.clip_grad_norm_(var.parameters(), cfg.max_grad_norm).item())
+                    opt.step()
+            t3 = time.perf_counter()
+            # 6. log
+            rec = dict(step=step, reward_mean=reward_B.mean().item(), reward_std=reward_B.std().item())
+            for name, r_B in parts.items():
+                rec[f"{name}_mean"], rec[f"{name}_std"] = r_B.mean().item(), r_B.std().item()
+            rec.update({k: float(np.mean([s[k] for s in step_stats])) for k in step_stats[0]})
+            rec.update(adv_abs_mean=adv_B.abs().mean().item(), adv_max=adv_B.max().item(), adv_min=adv_B.min().item(),
+                       zero_adv_groups=(adv_B.view(-1, cfg.group_size) == 0).all(1).float().mean().item(),
+                       grad_norm=float(np.mean(grad_norms)), diversity=group_diversity(features_BD, cfg.group_size),
+                       time_sample=t1 - t0, time_reward=t2 - t1, time_update=t3 - t2, images_per_s=n_images / (t3 - t0),
+                       peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
+            done = step + 1
+            if done % cfg.eval_every == 0 or done == cfg.steps:  # after this step's update: the policy of step `done`
+                rec["eval_reward"] = evaluate(var, vae, reward_fn, cfg, device, eval_labels, out / f"eval_step{done:05d}.png")
+            records.append(rec)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            tqdm.write(f"step {step:4d} | reward {rec['reward_mean']:.4f} +- {rec['reward_std']:.4f} | kl {rec['kl']:.2e} | "
+                       f"clip {rec['clip_frac']:.3f} | ratio {rec['ratio_mean']:.4f} | grad {rec['grad_norm']:.3f} | "
+                       f"div {rec['diversity']:.3f} | {t3 - t0:.2f}s (sample {t1 - t0:.2f} reward {t2 - t1:.2f} update {t3 - t2:.2f})"
+                       + (f" | eval reward {rec['eval_reward']:.4f}" if "eval_reward" in rec else ""))
+            if done % cfg.save_every == 0 or done == cfg.steps or stop:
+                save_checkpoint(done)
+            if stop:
+                break
+    except torch.cuda.OutOfMemoryError as e:
+        raise torch.cuda.OutOfMemoryError(
+            f"{e}\nOut of GPU memory. Lower --micro-batch (memory of an update), --classes-per-step or --group-size "
+            f"(memory of sampling P*G images), or add --grad-checkpointing. Checkpoints already written in {out} are kept.") from None
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+    final = out / f"eval_step{cfg.steps:05d}.png"
+    if records and final.exists():
+        save_before_after(out / "eval_step00000.png", final, out / "before_after.png")
+    if records:
+        save_reward_curve(records, out / "reward_curve.png")
+    torch.save(var.state_dict(), out / "var_final.pth")  # official key names: loads with --var-ckpt or the official VAR
+    print(f"outputs in {out}: metrics.jsonl, reward_curve.png, eval_step*.png, before_after.png, var_final.pth, checkpoint.pt")
+    return dict(out=out, records=records, var=var)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Benchmark: sampling images/s, teacher-forced tokens/s and peak memory, random weights, any depth and device.
 # ----------------------------------------------------------------------------------------------------------
 
@@ -735,7 +1284,7 @@ def benchmark(cfg: Config, repeats: int = 3) -> dict:
             torch.cuda.synchronize(device)
         return (time.perf_counter() - t0) / repeats, out
 
-    t_sample, s = timed(lambda: sample(var, vae, labels, cfg=1.5, top_k=min(900, var.V), top_p=0.96, generator=gen))
+    t_sample, s = timed(lambda: sample(var, vae, labels, cfg=1.5, top_k=900, top_p=0.96, generator=gen))
     x_BLCv = vae.quantize.tokens_to_var_input(s.tokens)
 
     def teacher_forced():
@@ -757,7 +1306,10 @@ def main(argv: Optional[List[str]] = None):
     cfg = parse_config(argv)
     if cfg.bench:
         return benchmark(cfg)
-    raise SystemExit("training is not implemented yet: use --bench")
+    try:
+        return train(cfg)
+    except (ValueError, FileNotFoundError, FileExistsError, WeightsError, FloatingPointError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
