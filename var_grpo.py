@@ -234,6 +234,7 @@ def download(url: str, dest: Path, attempts: int = 3, timeout: float = 30.0) -> 
         headers = {"Range": f"bytes={have}-"} if have else {}
         try:
             with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
+                expected_sha = _reported_sha256(r)
                 if r.status_code == 416:  # the .part already holds the whole file
                     pass
                 elif r.status_code not in (200, 206):
@@ -243,7 +244,6 @@ def download(url: str, dest: Path, attempts: int = 3, timeout: float = 30.0) -> 
                         have = 0
                     size = r.headers.get("Content-Length")
                     total = have + int(size) if size is not None else None
-                    expected_sha = _reported_sha256(r)
                     with open(part, "ab" if have else "wb") as f, tqdm(
                             total=total, initial=have, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar:
                         for chunk in r.iter_content(chunk_size=1 << 16):  # small reads: little is lost if cut
@@ -257,8 +257,6 @@ def download(url: str, dest: Path, attempts: int = 3, timeout: float = 30.0) -> 
                                    f"bytes are kept in {part} and the next run resumes from there. {manual}") from e
             print(f"download of {dest.name} interrupted ({e}); resuming", file=sys.stderr)
             continue
-        if r.status_code == 416:
-            expected_sha = _reported_sha256(r)
         if expected_sha is not None:
             h = hashlib.sha256()
             with open(part, "rb") as f:
