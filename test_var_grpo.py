@@ -269,6 +269,14 @@ def test_local_checkpoint_paths_need_no_network(tmp_path):
         vg.weight_path(str(tmp_path / "nope.pth"), "http://127.0.0.1:9/never", cfg)
 
 
+def test_cached_file_is_found_under_its_decoded_name(tmp_path):
+    # the aesthetic head's URL ends in sac%2Blogos%2B...; the cache (and the notebooks) know it as sac+logos+...
+    cached = tmp_path / "sac+logos+ava1-l14-linearMSE.pth"
+    cached.write_bytes(b"not fetched")
+    cfg = vg.Config(cache_dir=str(tmp_path))
+    assert vg.weight_path("", vg.AESTHETIC_URL, cfg) == cached  # no request: the URL is never contacted
+
+
 # ------------------------------------------------------------------------------------------------
 # Clear errors for bad checkpoints
 # ------------------------------------------------------------------------------------------------
@@ -554,3 +562,49 @@ def test_command_line_reports_bad_input_plainly(tmp_path):
     r = subprocess.run([sys.executable, str(HERE / "var_grpo.py"), "--tiny", "--group-size", "1", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "error: bad configuration" in r.stderr and "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Notebooks: each runs top to bottom on the CPU (no weights in the cache: the tiny random models),
+# and is stored with the outputs of such a run so that it reads well without running
+# ------------------------------------------------------------------------------------------------
+
+NOTEBOOKS = sorted((HERE / "notebooks").glob("*.ipynb"))
+
+
+def notebook_modules():
+    try:
+        import matplotlib, nbclient, nbformat  # noqa: F401
+    except ImportError as e:
+        pytest.fail(f"{e}. The notebook tests need the notebook extras: pip install nbclient ipykernel matplotlib")
+    return nbclient, nbformat
+
+
+def test_the_four_notebooks_are_there():
+    assert [p.name for p in NOTEBOOKS] == ["01_tokenizer.ipynb", "02_next_scale_sampling.ipynb",
+                                           "03_rewards.ipynb", "04_grpo.ipynb"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_stored_run_top_to_bottom(path):
+    _, nbformat = notebook_modules()
+    nb = nbformat.read(path, as_version=4)
+    intro = nb.cells[0].source
+    assert nb.cells[0].cell_type == "markdown" and all(s in intro for s in ("What this teaches", "Paper", "real weights"))
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), "run all cells in order, then save"
+    assert all(c.outputs for c in code if "print(" in c.source or "plt.show()" in c.source), "saved without outputs"
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_on_cpu(path, tmp_path, monkeypatch):
+    nbclient, nbformat = notebook_modules()
+    monkeypatch.setenv("VAR_GRPO_CACHE", str(tmp_path / "empty-cache"))  # no official weights: the tiny fallback
+    monkeypatch.setenv("TMPDIR", str(tmp_path))                            # the notebook's run folder goes here
+    nb = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}}).execute()  # raises if a cell raises
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    if path.stem != "04_grpo":  # 04 always uses the tiny model; the others must say that they fell back to it
+        assert "TINY RANDOM" in printed

@@ -52,6 +52,7 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import List, Optional
+from urllib.parse import unquote
 
 import numpy as np
 import requests
@@ -271,13 +272,18 @@ def download(url: str, dest: Path, attempts: int = 3, timeout: float = 30.0) -> 
     raise AssertionError("unreachable")
 
 
+def cached_name(url: str) -> str:
+    """The file name a download of url is cached under: the URL's last part, %-escapes decoded (%2B -> +)."""
+    return unquote(url.rsplit("/", 1)[-1])
+
+
 def weight_path(local: str, url: str, cfg: Config) -> Path:
     """A user-given local file (no network needed), else the cached copy of url, downloaded if missing."""
     if local:
         if not Path(local).is_file():
             raise WeightsError(f"{local} does not exist; give the path of a weight file that does.")
         return Path(local)
-    return download(url, cache_dir(cfg) / url.rsplit("/", 1)[-1])
+    return download(url, cache_dir(cfg) / cached_name(url))
 
 
 def read_state_dict(path: Path) -> dict:
@@ -314,7 +320,7 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Tokenizer: the multi-scale residual VQ-VAE (paper sec. 3.2; official models/vqvae.py, basic_vae.py,
+# Tokenizer: the multi-scale residual VQ-VAE (paper sec. 3.2, Algorithms 1-2; official models/vqvae.py, basic_vae.py,
 # quant.py). Encoder and decoder are the VQGAN/LDM f16 CNN; what is new is the quantiser, which explains
 # the latent f as a sum of K token maps of growing resolution, each one quantising what the coarser ones
 # left unexplained. Module names follow the official ones so that the checkpoint loads unchanged.
@@ -542,7 +548,7 @@ class VQVAE(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Transformer: VAR (paper sec. 3.1, official models/var.py, basic_var.py). A GPT-2-like decoder whose layer
+# Transformer: VAR (paper sec. 3.2 and 4, official models/var.py, basic_var.py). A GPT-2-like decoder whose layer
 # norms are modulated by the class embedding (AdaLN), run over the 680 tokens of all scales at once. The
 # block-causal mask lets every token of scale k see all tokens of scales <= k (coarser scales plus its own
 # scale's inputs), never a finer scale: scale k's tokens are predicted in parallel from everything coarser.
