@@ -490,12 +490,22 @@ def tiny_cfg(tmp_path, **kw):
 
 def test_tiny_run_learns_and_writes_its_outputs(tmp_path):
     """The --tiny defaults: pixel-statistic reward, 100 steps on CPU. The mean reward of the last 20 steps must beat
-    the first 20 by more than 3 standard errors of that difference."""
-    result = vg.train(tiny_cfg(tmp_path / "run"))
+    the first 20 by more than 3 standard errors of that difference, and so must the reward of 256 fresh samples
+    of the final policy against 256 of the starting one (same classes and seeds): the policy moved."""
+    cfg = tiny_cfg(tmp_path / "run")
+    result = vg.train(cfg)
     rewards = np.array([r["reward_mean"] for r in result["records"]])
     first, last = rewards[:20], rewards[-20:]
     noise = np.sqrt(first.var(ddof=1) / 20 + last.var(ddof=1) / 20)
     assert last.mean() - first.mean() > 3 * noise, (first.mean(), last.mean(), noise)
+
+    vae, start = vg.load_models(cfg, torch.device("cpu"))  # the same seed: the model the run started from
+    labels = torch.arange(256) % start.num_classes
+    reward_fn = vg.Reward(vg.parse_reward_spec(cfg.reward))
+    fresh = [reward_fn(vg.sample(m.eval(), vae, labels, cfg.cfg, cfg.temperature,
+                                 generator=torch.Generator().manual_seed(7)).image)[0] for m in (start, result["var"])]
+    gain, noise = fresh[1].mean() - fresh[0].mean(), math.sqrt(sum(r.var().item() / len(r) for r in fresh))
+    assert gain > 3 * noise, (fresh[0].mean().item(), fresh[1].mean().item(), noise)
     assert all(math.isfinite(r["kl"]) and r["kl"] >= 0 for r in result["records"])
     run = tmp_path / "run"
     for name in ["config.json", "metrics.jsonl", "checkpoint.pt", "var_final.pth", "reward_curve.png",
