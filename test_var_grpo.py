@@ -618,3 +618,41 @@ def test_notebook_runs_on_cpu(path, tmp_path, monkeypatch):
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     if path.stem != "04_grpo":  # 04 always uses the tiny model; the others must say that they fell back to it
         assert "TINY RANDOM" in printed
+
+
+def test_ctrl_c_finishes_the_step_saves_and_resumes(tmp_path):
+    """Ctrl-C (SIGINT) during a run: the current step completes, a checkpoint of exactly the logged steps is written,
+    the process exits cleanly, and --resume continues from there."""
+    import signal, subprocess, sys
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-u", str(HERE / "var_grpo.py"), "--tiny", "--out", str(out), "--eval-every", "1000",
+           "--save-every", "1000"]
+    proc = subprocess.Popen(cmd + ["--steps", "200"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if line.startswith("step    2 |"):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0 and "Traceback" not in rest, rest
+    saved = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["step"]
+    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert 3 <= saved < 200 and logged == list(range(saved)), (saved, logged)
+    r = subprocess.run(cmd + ["--steps", str(saved + 2), "--resume"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and f"resumed {out} at step {saved}" in r.stdout, r.stderr
+    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(saved + 2))
+
+
+def test_out_of_memory_says_what_to_lower_and_keeps_checkpoints(tmp_path, monkeypatch):
+    calls, real = [], vg.token_logprobs
+
+    def token_logprobs_then_oom(*args, **kwargs):  # the third step's first pass runs out of GPU memory
+        calls.append(1)
+        if len(calls) > 2 * 4:  # 4 passes a step: 2 reference micro-batches of 8, 2 minibatch updates of 8
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vg, "token_logprobs", token_logprobs_then_oom)
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="Lower --micro-batch.*kept"):
+        vg.train(tiny_cfg(tmp_path / "oom", steps=5, save_every=1, eval_every=100))
+    assert torch.load(tmp_path / "oom" / "checkpoint.pt", map_location="cpu", weights_only=False)["step"] == 2
