@@ -8,6 +8,7 @@ import http.server
 import json
 import math
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -568,7 +569,7 @@ def test_missing_weights_offline_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_command_line_reports_bad_input_plainly(tmp_path):
-    import subprocess, sys
+    import subprocess
     r = subprocess.run([sys.executable, str(HERE / "var_grpo.py"), "--tiny", "--group-size", "1", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "error: bad configuration" in r.stderr and "Traceback" not in r.stderr
@@ -612,8 +613,14 @@ def test_notebook_runs_on_cpu(path, tmp_path, monkeypatch):
     nbclient, nbformat = notebook_modules()
     monkeypatch.setenv("VAR_GRPO_CACHE", str(tmp_path / "empty-cache"))  # no official weights: the tiny fallback
     monkeypatch.setenv("TMPDIR", str(tmp_path))                            # the notebook's run folder goes here
+    # the kernel is this very interpreter, whatever other "python3" kernels the machine has registered
+    spec = tmp_path / "jupyter" / "kernels" / "var-grpo-test" / "kernel.json"
+    spec.parent.mkdir(parents=True)
+    spec.write_text(json.dumps({"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                                "display_name": "var-grpo tests", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     nb = nbformat.read(path, as_version=4)
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="var-grpo-test",
                             resources={"metadata": {"path": str(path.parent)}}).execute()  # raises if a cell raises
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     if path.stem != "04_grpo":  # 04 always uses the tiny model; the others must say that they fell back to it
@@ -623,7 +630,7 @@ def test_notebook_runs_on_cpu(path, tmp_path, monkeypatch):
 def test_ctrl_c_finishes_the_step_saves_and_resumes(tmp_path):
     """Ctrl-C (SIGINT) during a run: the current step completes, a checkpoint of exactly the logged steps is written,
     the process exits cleanly, and --resume continues from there."""
-    import signal, subprocess, sys
+    import signal, subprocess
     out = tmp_path / "run"
     cmd = [sys.executable, "-u", str(HERE / "var_grpo.py"), "--tiny", "--out", str(out), "--eval-every", "1000",
            "--save-every", "1000"]
