@@ -560,6 +560,37 @@ def test_clipped_surrogate_both_sides_by_hand(adv, ratio, expected_loss, clipped
     assert stats["clip_frac"] == 1.0 and stats["ratio_mean"] == pytest.approx(ratio)
 
 
+def test_advantage_normalisations_by_hand():
+    r = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 11.0])   # groups of 3: means 2 and 7; r - mean = -1 0 1 | -2 -2 4
+    diff = torch.tensor([-1.0, 0.0, 1.0, -2.0, -2.0, 4.0])
+    group_std = torch.tensor([1.0] * 3 + [math.sqrt((4 + 4 + 16) / 2)] * 3)          # Bessel: divide by n - 1
+    batch_std = math.sqrt(sum((x - 4.5) ** 2 for x in r.tolist()) / 5)               # mean 27/6 = 4.5
+    torch.testing.assert_close(vg.group_advantages(r, 3, 0.0, "group"), diff / group_std)
+    torch.testing.assert_close(vg.group_advantages(r, 3, 0.0, "batch"), diff / batch_std)
+    torch.testing.assert_close(vg.group_advantages(r, 3, 0.0, "none"), diff)
+
+
+def test_kl_term_carries_a_gradient_by_hand():
+    """Catches: the KL term computed without a gradient (log pi_theta detached inside it)."""
+    logp = torch.zeros(1, 2, requires_grad=True)
+    ref = torch.tensor([[math.log(2.0), 0.0]])  # q = log pi_ref - log pi_theta = log 2 on token 0, 0 on token 1
+    loss, _ = vg.grpo_loss(logp, logp.detach(), torch.zeros(1), ref, clip_eps=0.2, beta=0.5)
+    loss.backward()  # A = 0: only the KL term; d/dlogp beta (e^q - q - 1) = beta (1 - e^q), averaged over 2 tokens
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.5 * (1 - 2) / 2, 0.0]]))
+
+
+def test_per_scale_token_weights_by_hand(tiny):
+    _, var = tiny                                   # toy scales 1, 2, 4, 8: 1 + 4 + 16 + 64 = 85 tokens
+    w = vg.scale_token_weights(var)
+    torch.testing.assert_close(w, torch.tensor([1 / 4] + [1 / 16] * 4 + [1 / 64] * 16 + [1 / 256] * 64))
+    logp, ref = torch.zeros(1, 85), torch.zeros(1, 85)
+    ref[0, 0] = math.log(2.0)                       # the KL sits on the single token of the first scale
+    k3 = 2 - math.log(2.0) - 1
+    per_scale, _ = vg.grpo_loss(logp, logp, torch.zeros(1), ref, 0.2, beta=1.0, weight_L=w)
+    per_token, _ = vg.grpo_loss(logp, logp, torch.zeros(1), ref, 0.2, beta=1.0)
+    assert per_scale.item() == pytest.approx(k3 / 4) and per_token.item() == pytest.approx(k3 / 85)
+
+
 def test_k3_kl_and_per_token_averaging_by_hand():
     # image 0: token 0 has pi = 0.5, pi_ref = 0.25 -> q = log 0.5, k3 = 0.5 - log 0.5 - 1 = 0.193147; token 1 equal
     # image 1: both tokens equal to the reference -> 0. Advantages 0, ratio 1: the loss is beta * mean of k3.
@@ -603,6 +634,16 @@ def test_tiny_run_turns_the_toy_shapes_red_and_keeps_them(tmp_path):
     first, last = rewards[:20], rewards[-20:]
     assert last.mean() - first.mean() > 3 * np.sqrt(first.var(ddof=1) / 20 + last.var(ddof=1) / 20)
     assert all(math.isfinite(r["kl"]) and r["kl"] >= 0 for r in result["records"])
+    assert max(r["logprob_gap_max"] for r in result["records"]) < 1e-4  # sampler and trainer agree (fp32, CPU)
+    # Catches: a reference policy that drifts with the policy (no copy, or one refreshed during training). The KL
+    # logged over the last steps must match KL(final || start) measured afresh with the starting model.
+    s = vg.sample(result["var"], vae, labels[:64], cfg.cfg, cfg.temperature, generator=torch.Generator().manual_seed(3),
+                  return_logprobs=True)
+    with torch.no_grad():
+        q_BL = (vg.token_logprobs(start, vae, labels[:64], s.tokens, cfg.cfg, cfg.temperature) -
+                vg.token_logprobs(result["var"], vae, labels[:64], s.tokens, cfg.cfg, cfg.temperature))
+    fresh_kl, logged_kl = (q_BL.exp() - q_BL - 1).mean().item(), np.mean([r["kl"] for r in result["records"][-5:]])
+    assert fresh_kl > 0.05 and 0.5 < logged_kl / fresh_kl < 2, (fresh_kl, logged_kl)
     run = tmp_path / "run"
     for name in ["config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "var_final.pth", "reward_curve.png",
                  "before_after.png", "eval_step00000.png", f"eval_step{vg.TINY_DEFAULTS['steps']:05d}.png"]:
@@ -610,7 +651,8 @@ def test_tiny_run_turns_the_toy_shapes_red_and_keeps_them(tmp_path):
     rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ["step", "reward_mean", "reward_std", "ratio_mean", "redness_mean", "redness_std", "adv_abs_mean",
                 "kl", "clip_frac", "approx_kl", "grad_norm", "diversity", "time_sample", "time_reward", "time_update",
-                "images_per_s", "peak_gpu_mem_gb", "eval_reward"]:
+                "images_per_s", "peak_gpu_mem_gb", "eval_reward", "logprob_gap_max", "logprob_gap_mean", "ratio_first",
+                "clip_frac_first", "ratio_later", "clip_frac_later", "policy_loss", "kl_loss", "kl_share", "entropy"]:
         assert key in rec, key
     # the exported weights carry the official key names: they load strictly into a fresh VAR
     vg.load_weights(meta_var(vg.TOY_DEPTH), run / "var_final.pth")
@@ -627,6 +669,81 @@ def test_resume_continues_exactly(tmp_path):
     assert steps == [0, 1, 2, 3]
 
 
+def short_run(path, **kw):
+    """A few --tiny steps without the end-of-run summary and with no evaluation after step 0."""
+    return vg.train(tiny_cfg(path, **{"summary_samples": 0, "eval_every": 1000, "save_every": 1000, **kw}))["records"]
+
+
+def test_groups_share_one_class_and_advantages_stay_within_groups(tmp_path, monkeypatch):
+    """Catches: labels laid out so that a group mixes classes (repeat instead of repeat_interleave), and advantages
+    computed over the wrong axis. A reward that depends only on the class must give every image advantage 0."""
+    rollout_labels, real_sample = [], vg.sample
+
+    def spy(var, vae, label_B, *args, **kwargs):
+        if kwargs.get("return_logprobs"):
+            rollout_labels.append(label_B.clone())
+        return real_sample(var, vae, label_B, *args, **kwargs)
+
+    def class_reward(images):  # the class id of each rollout image (0 for the evaluation grid)
+        r_B = rollout_labels[-1].float() if rollout_labels and len(rollout_labels[-1]) == len(images) else torch.zeros(len(images))
+        return r_B, {"class": r_B}, images.flatten(1)
+
+    monkeypatch.setattr(vg, "sample", spy)
+    monkeypatch.setattr(vg, "build_reward", lambda cfg, device: class_reward)
+    records = short_run(tmp_path / "g", steps=3, classes_per_step=4, group_size=3, minibatches=1, micro_batch=6)
+    for label_B in rollout_labels:
+        assert (label_B.view(4, 3) == label_B.view(4, 3)[:, :1]).all(), label_B  # G consecutive images, one class
+    assert len({tuple(l.tolist()) for l in rollout_labels}) > 1
+    assert all(r["adv_abs_mean"] == 0 and r["zero_adv_groups"] == 1 for r in records)
+
+
+def test_micro_batches_accumulate_to_the_minibatch_gradient(tmp_path, monkeypatch):
+    """Catches: the micro-batch scaling of the loss removed (gradients summed, not averaged, over a minibatch), and
+    gradient clipping before the accumulation is complete. Micro-batches of 2 must give the gradient of one pass
+    over the minibatch of 8: the same norm before clipping (logged) and the same clipped gradient at the update."""
+    def first_update(name, micro_batch):
+        grads, real_step = [], torch.optim.AdamW.step
+
+        def step(self, *args, **kwargs):
+            if not grads:
+                grads.append(torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"]]))
+            return real_step(self, *args, **kwargs)
+        with monkeypatch.context() as m:
+            m.setattr(torch.optim.AdamW, "step", step)
+            record = short_run(tmp_path / name, steps=1, micro_batch=micro_batch, max_grad_norm=0.5)[0]
+        return record["grad_norm"], grads[0]
+
+    (norm_8, grad_8), (norm_2, grad_2) = first_update("m8", 8), first_update("m2", 2)
+    assert norm_8 > 0.5 and norm_2 == pytest.approx(norm_8, rel=1e-4)  # clipping is active, on the same norm
+    torch.testing.assert_close(grad_2, grad_8, rtol=1e-4, atol=1e-7)
+    assert grad_8.norm().item() == pytest.approx(0.5, rel=1e-4)
+
+
+def test_old_logprobs_are_the_samplers_record_and_the_first_ratio_is_one(tmp_path):
+    """Catches: pi_old taken from the current policy instead of the sampler's record (then rho = 1 forever), and
+    guidance or temperature applied differently in the training pass than in the sampler (then the gap is large)."""
+    records = short_run(tmp_path / "o", steps=2, cfg=2.5, temperature=0.8, lr=1e-3)
+    for r in records:
+        assert r["logprob_gap_max"] < 1e-4 and r["ratio_first"] == pytest.approx(1, abs=1e-4) and r["clip_frac_first"] == 0
+    assert all(abs(r["ratio_later"] - 1) > 1e-3 and r["clip_frac_later"] > 0 for r in records), records
+    recomputed = short_run(tmp_path / "r", steps=1, cfg=2.5, temperature=0.8, old_logprobs="recompute")[0]
+    assert recomputed["logprob_gap_max"] < 1e-5
+
+
+def test_options_adv_norm_token_weight_and_evaluation_guidance(tmp_path, monkeypatch):
+    guidance, real_sample = [], vg.sample
+
+    def spy(var, vae, label_B, cfg, *args, **kwargs):
+        guidance.append((cfg, kwargs.get("return_logprobs", False)))
+        return real_sample(var, vae, label_B, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(vg, "sample", spy)
+    for options in (dict(adv_norm="none", token_weight="scale"), dict(adv_norm="batch")):
+        records = short_run(tmp_path / options["adv_norm"], steps=2, cfg=0.0, eval_cfg=3.0, **options)
+        assert all(math.isfinite(r["policy_loss"]) and r["grad_norm"] > 0 for r in records)
+    assert {g for g, rollout in guidance if rollout} == {0.0} and {g for g, rollout in guidance if not rollout} == {3.0}
+
+
 def test_tiny_run_with_clip_and_aesthetic_rewards(tmp_path):
     result = vg.train(tiny_cfg(tmp_path / "c", reward="clip=1,aesthetic=0.1", steps=1, group_size=2, micro_batch=2))
     rec = result["records"][0]
@@ -638,6 +755,8 @@ def test_tiny_run_with_clip_and_aesthetic_rewards(tmp_path):
     (dict(classes_per_step=3, group_size=4, minibatches=2, micro_batch=4), "must split into --minibatches"),
     (dict(classes="3,99"), "must lie in 0..9"),
     (dict(reward="brightness=1"), "unknown component"),
+    (dict(adv_norm="std"), "--adv-norm 'std': choose one of group, batch, none"),
+    (dict(old_logprobs="model"), "--old-logprobs 'model'"),
 ])
 def test_bad_configuration_is_rejected_before_any_work(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -26,17 +26,25 @@ The fine-tuning (GRPO, Shao et al. 2024, as used in the paper)
   5. Reward r = sum_j w_j R_j(image): CLIP cosine similarity to the prompt and the LAION aesthetic score, both from
      one CLIP forward pass; in the toy world of --tiny, the shape's redness or area, computed from its pixels.
   6. Group-relative advantage, one per image:  A_i = (r_i - mean_group(r)) / (std_group(r) + eps).
+     (--adv-norm batch divides by the std of the whole batch instead; --adv-norm none not at all, as Dr. GRPO
+     argues: A_i = r_i - mean_group(r).)
   7. Per token t of image i, with rho = exp(log pi_theta(a_t) - log pi_old(a_t)) and the guided, temperature-scaled
      distribution of step 3 (the one the token was actually drawn from):
-       L_i = mean_t [ -min(rho A_i, clip(rho, 1-eps_clip, 1+eps_clip) A_i) + beta * KL_t ]
+       L_i = sum_t w_t [ -min(rho A_i, clip(rho, 1-eps_clip, 1+eps_clip) A_i) + beta * KL_t ]
        KL_t = exp(q) - q - 1,  q = log pi_ref(a_t) - log pi_theta(a_t)      (k3 estimator, pi_ref frozen at start)
-     L = mean_i L_i: every image counts equally and, inside an image, every one of its 680 tokens counts equally
-     (so the 256 tokens of the last scale carry 256/680 of the weight, the single first token 1/680).
+     L = mean_i L_i: every image counts equally and, by default, every one of its 680 tokens too: w_t = 1/L (so the
+     256 tokens of the last scale carry 256/680 of the weight, the single first token 1/680); --token-weight scale
+     gives each of the K scales 1/K instead: w_t = 1/(K n_k) for a token of scale k, which has n_k tokens.
+     log pi_old is what the sampler recorded (pi_old = pi_theta at sampling time); --old-logprobs recompute
+     recomputes it with one no-grad teacher-forced pass, which removes the bf16 gap between the two on a GPU.
   8. A few epochs of AdamW over minibatches of the P*G samples; then back to 4. At the end, fresh samples of the
      starting and the final policy (same classes and seeds) measure what changed (summary.json).
 
 The toy world (--tiny): the same code on a CPU, with a VQ-VAE and VAR-d2 pretrained from scratch on 32 px images of
 coloured shapes (notebooks/toy_world.py; weights in notebooks/toy/), so that GRPO visibly changes what it draws.
+
+Hyper-parameters: beyond its abstract, the paper's text was not available to us (its Figure 1 used VAR-d30). Every
+default below (learning rate, beta, clip range, group size, steps, reward weights) is this project's choice.
 
 Sections, in pipeline order: config | weights | tokenizer | transformer + sampler | rewards | GRPO | main.
 """
@@ -93,6 +101,9 @@ class Config:
     """classifier-free guidance strength, ramped linearly over scales from 0 to cfg (1.5: the official FID setting)"""
     temperature: float = 1.0
     """sampling temperature applied to the guided logits, in rollouts and in the policy's log-probabilities alike"""
+    eval_cfg: float = -1.0
+    """guidance of the evaluation grids; negative: --cfg (training with --cfg 0 and evaluating with guidance is a
+    known recipe for image RL)"""
     eval_top_k: int = 900
     """top-k for evaluation images only (RL rollouts sample the full distribution, so their log-probs are exact)"""
     eval_top_p: float = 0.96
@@ -126,7 +137,16 @@ class Config:
     beta: float = 0.01
     """weight of the k3 KL penalty towards the starting model (0: no reference copy is kept)"""
     adv_eps: float = 1e-4
-    """added to the group's reward std before dividing"""
+    """added to the reward std before dividing"""
+    adv_norm: str = "group"
+    """advantage A_i = (r_i - mean_group) / scale: group (scale = std_group + eps, GRPO), batch (std of the whole
+    batch + eps), none (scale 1, as Dr. GRPO argues: dividing by a small group std over-weights easy groups)"""
+    old_logprobs: str = "sampler"
+    """log pi_old: sampler (recorded while sampling, free) or recompute (one no-grad teacher-forced pass before the
+    updates, as TRL does): use recompute on a GPU if logprob_gap_max (bf16 noise) clips tokens at the first update"""
+    token_weight: str = "token"
+    """how an image's loss averages over its tokens: token (each token equally, the last scale carries 256/680 of
+    it) or scale (each scale equally)"""
     inner_epochs: int = 1
     """passes over each step's P*G samples"""
     minibatches: int = 2
@@ -1040,16 +1060,22 @@ def build_reward(cfg: Config, device: torch.device) -> Reward:
 # recomputes exactly those distributions (both CFG branches, same ramp) with gradients, in one forward pass.
 # ----------------------------------------------------------------------------------------------------------
 
-def group_advantages(reward_B, group_size: int, eps: float):
-    """A_i = (r_i - mean_group) / (std_group + eps), std with Bessel's correction as in the GRPO paper's code.
+def group_advantages(reward_B, group_size: int, eps: float, norm: str = "group"):
+    """A_i = (r_i - mean_group) / (std + eps), std with Bessel's correction as in the GRPO paper's code: the std of
+    the group (norm="group"), of the whole batch ("batch"), or no division at all ("none", Dr. GRPO).
     A group whose rewards are all equal has r_i - mean = 0, so its advantages are 0 (nothing to learn), not NaN."""
-    r_PG = reward_B.view(-1, group_size)
-    diff_PG, std_P1 = r_PG - r_PG.mean(1, keepdim=True), r_PG.std(1, keepdim=True)
-    return torch.where(std_P1 > 0, diff_PG / (std_P1 + eps), 0.0).view(-1)  # explicit 0, also when eps = 0
+    r_PG = reward_B.view(-1, group_size)  # images i*G .. i*G+G-1 share a class: one group per row
+    diff_PG = r_PG - r_PG.mean(1, keepdim=True)
+    if norm == "none":
+        return diff_PG.view(-1)
+    std = r_PG.std(1, keepdim=True) if norm == "group" else reward_B.std()
+    return torch.where(std > 0, diff_PG / (std + eps), 0.0).view(-1)  # explicit 0, also when eps = 0
 
 
-def token_logprobs(var: VAR, vae: VQVAE, label_B, tokens: List[torch.Tensor], cfg: float, temperature: float):
-    """log pi(a_t | a_<t, c) of every token of the given pyramids, under the guided distribution of `sample`. (B, L)"""
+def token_logprobs(var: VAR, vae: VQVAE, label_B, tokens: List[torch.Tensor], cfg: float, temperature: float,
+                   entropy: bool = False):
+    """log pi(a_t | a_<t, c) of every token of the given pyramids, under the guided distribution of `sample`. (B, L)
+    With entropy=True also the entropy of each of those distributions, without gradient: ((B, L), (B, L))."""
     B, device = label_B.shape[0], label_B.device
     with torch.no_grad():
         x_BLCv = vae.quantize.tokens_to_var_input(tokens)
@@ -1066,12 +1092,25 @@ def token_logprobs(var: VAR, vae: VQVAE, label_B, tokens: List[torch.Tensor], cf
             logits_BLV = w_cond_L1 * logits_2BLV[:B] - w_null_L1 * logits_2BLV[B:]
     if temperature != 1.0:
         logits_BLV = logits_BLV / temperature
-    return logits_BLV.float().log_softmax(-1).gather(-1, tokens_BL.unsqueeze(-1)).squeeze(-1)
+    logp_BLV = logits_BLV.float().log_softmax(-1)
+    logp_BL = logp_BLV.gather(-1, tokens_BL.unsqueeze(-1)).squeeze(-1)
+    if not entropy:
+        return logp_BL
+    with torch.no_grad():
+        return logp_BL, -(logp_BLV.exp() * logp_BLV).sum(-1)
 
 
-def grpo_loss(logp_BL, old_logp_BL, adv_B, ref_logp_BL: Optional[torch.Tensor], clip_eps: float, beta: float):
-    """GRPO's clipped surrogate plus beta * k3 KL, per token; mean over an image's tokens, then over images.
-    Returns the loss and a dict of diagnostics (all detached floats)."""
+def scale_token_weights(var: VAR):
+    """--token-weight scale: w_t = 1/(K n_k) for a token of scale k, which has n_k tokens, so that each of the K
+    scales weighs 1/K of an image's loss (the default weighs each token 1/L). Sums to 1. (L,)"""
+    n_k = torch.tensor([pn * pn for pn in var.patch_nums], device=var.lvl_1L.device)
+    return 1 / (len(var.patch_nums) * n_k[var.lvl_1L[0]].float())
+
+
+def grpo_loss(logp_BL, old_logp_BL, adv_B, ref_logp_BL: Optional[torch.Tensor], clip_eps: float, beta: float,
+              weight_L: Optional[torch.Tensor] = None):
+    """GRPO's clipped surrogate plus beta * k3 KL, per token; averaged over an image's tokens with weights weight_L
+    (summing to 1; None: the plain mean), then over images. Returns the loss and a dict of diagnostics (floats)."""
     log_ratio_BL = logp_BL - old_logp_BL
     ratio_BL = log_ratio_BL.exp()
     adv_B1 = adv_B.unsqueeze(1)
@@ -1082,11 +1121,13 @@ def grpo_loss(logp_BL, old_logp_BL, adv_B, ref_logp_BL: Optional[torch.Tensor], 
         q_BL = ref_logp_BL - logp_BL
         kl_BL = q_BL.exp() - q_BL - 1  # k3: unbiased, always >= 0 (Schulman 2020)
         per_token_BL = per_token_BL + beta * kl_BL
-    loss = per_token_BL.mean(1).mean(0)
+    average = (lambda x_BL: x_BL.mean(1).mean(0)) if weight_L is None else (lambda x_BL: (x_BL * weight_L).sum(1).mean(0))
+    loss = average(per_token_BL)
     with torch.no_grad():
         stats = dict(kl=kl_BL.mean().item(), ratio_mean=ratio_BL.mean().item(),
                      clip_frac=((ratio_BL - 1).abs() > clip_eps).float().mean().item(),
-                     approx_kl=((ratio_BL - 1) - log_ratio_BL).mean().item())  # k3 of KL(old || new)
+                     approx_kl=((ratio_BL - 1) - log_ratio_BL).mean().item(),  # k3 of KL(old || new)
+                     policy_loss=average(surrogate_BL).item(), kl_loss=beta * average(kl_BL).item())
     return loss, stats
 
 
@@ -1118,6 +1159,11 @@ def check_config(cfg: Config):
                         f"e.g. --minibatches 1 --micro-batch {math.gcd(n, cfg.micro_batch)}")
     if cfg.temperature <= 0 or cfg.clip_eps <= 0 or cfg.beta < 0 or cfg.lr <= 0 or cfg.cfg < 0 or cfg.summary_samples < 0:
         problems.append("--temperature, --clip-eps and --lr must be > 0; --beta, --cfg and --summary-samples >= 0")
+    for flag, value, choices in (("--adv-norm", cfg.adv_norm, ("group", "batch", "none")),
+                                 ("--old-logprobs", cfg.old_logprobs, ("sampler", "recompute")),
+                                 ("--token-weight", cfg.token_weight, ("token", "scale"))):
+        if value not in choices:
+            problems.append(f"{flag} {value!r}: choose one of {', '.join(choices)}")
     if cfg.tiny and cfg.depth != Config.depth:
         problems.append(f"--tiny uses the toy world's VAR-d{TOY_DEPTH}; drop --depth")
     if problems:
@@ -1204,7 +1250,8 @@ def evaluate(var, vae, reward_fn, cfg: Config, device, eval_labels, path: Path) 
     """Images at fixed (class, seed) pairs, the same at every evaluation, saved as a grid; returns their mean reward."""
     var.eval()
     gen = torch.Generator(device).manual_seed(cfg.seed + 10_000)
-    s = sample(var, vae, eval_labels, cfg.cfg, cfg.temperature, cfg.eval_top_k, cfg.eval_top_p, gen)
+    guidance = cfg.cfg if cfg.eval_cfg < 0 else cfg.eval_cfg
+    s = sample(var, vae, eval_labels, guidance, cfg.temperature, cfg.eval_top_k, cfg.eval_top_p, gen)
     save_grid(s.image, path)
     return reward_fn(s.image)[0].mean().item()
 
@@ -1300,6 +1347,7 @@ def train(cfg: Config) -> dict:
     from tqdm import tqdm
     n_images = cfg.classes_per_step * cfg.group_size
     mb_size = n_images // cfg.minibatches
+    weight_L = scale_token_weights(var) if cfg.token_weight == "scale" else None  # None: every token 1/L
     step = start
     try:
         for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="GRPO", dynamic_ncols=True):
@@ -1314,28 +1362,35 @@ def train(cfg: Config) -> dict:
             t1 = time.perf_counter()
             # 2. reward, 3. group-relative advantages
             reward_B, parts, features_BD = reward_fn(roll.image)
-            adv_B = group_advantages(reward_B, cfg.group_size, cfg.adv_eps)
+            adv_B = group_advantages(reward_B, cfg.group_size, cfg.adv_eps, cfg.adv_norm)
             t2 = time.perf_counter()
-            # 4. reference log-probs for the KL term: once per step, not per epoch
-            ref_logp_BL = None
-            if ref is not None:
+
+            # 4. reference log-probs for the KL term (and, with --old-logprobs recompute, pi_old): once per step
+            def no_grad_logprobs(model):
                 with torch.no_grad():
-                    ref_logp_BL = torch.cat([token_logprobs(ref, vae, label_B[i:i + cfg.micro_batch],
-                                                            [t[i:i + cfg.micro_batch] for t in roll.tokens], cfg.cfg, cfg.temperature)
-                                             for i in range(0, n_images, cfg.micro_batch)])
+                    return torch.cat([token_logprobs(model, vae, label_B[i:i + cfg.micro_batch],
+                                                     [t[i:i + cfg.micro_batch] for t in roll.tokens], cfg.cfg, cfg.temperature)
+                                      for i in range(0, n_images, cfg.micro_batch)])
+            ref_logp_BL = no_grad_logprobs(ref) if ref is not None else None
+            old_logp_BL = no_grad_logprobs(var) if cfg.old_logprobs == "recompute" else roll.logprob
             # 5. clipped policy-gradient updates over minibatches, accumulating micro-batches
             var.train()
-            step_stats, grad_norms = [], []
+            mb_stats, grad_norms, gap_BL = [], [], None  # mb_stats: one list of micro-batch stats per minibatch
             for _ in range(cfg.inner_epochs):
                 order = torch.randperm(n_images, generator=shuffle_gen).to(device)
                 for mb in order.view(cfg.minibatches, mb_size):
                     opt.zero_grad(set_to_none=True)
+                    mb_stats.append([])
                     for idx in mb.view(-1, cfg.micro_batch):
-                        logp_BL = token_logprobs(var, vae, label_B[idx], [t[idx] for t in roll.tokens], cfg.cfg, cfg.temperature)
-                        loss, stats = grpo_loss(logp_BL, roll.logprob[idx], adv_B[idx],
-                                                None if ref_logp_BL is None else ref_logp_BL[idx], cfg.clip_eps, cfg.beta)
-                        (loss * (len(idx) / mb_size)).backward()
-                        step_stats.append(stats)
+                        logp_BL, entropy_BL = token_logprobs(var, vae, label_B[idx], [t[idx] for t in roll.tokens],
+                                                             cfg.cfg, cfg.temperature, entropy=True)
+                        if gap_BL is None:  # before the step's first update: the sampler-vs-trainer gap
+                            gap_BL = (logp_BL.detach() - old_logp_BL[idx]).abs()
+                        loss, stats = grpo_loss(logp_BL, old_logp_BL[idx], adv_B[idx],
+                                                None if ref_logp_BL is None else ref_logp_BL[idx], cfg.clip_eps, cfg.beta,
+                                                weight_L)
+                        (loss * (len(idx) / mb_size)).backward()  # the minibatch's loss is the mean over its images
+                        mb_stats[-1].append(dict(stats, entropy=entropy_BL.mean().item()))
                     grad_norms.append(torch.nn.utils.clip_grad_norm_(var.parameters(), cfg.max_grad_norm).item())
                     opt.step()
             t3 = time.perf_counter()
@@ -1343,7 +1398,15 @@ def train(cfg: Config) -> dict:
             rec = dict(step=step, reward_mean=reward_B.mean().item(), reward_std=reward_B.std().item())
             for name, r_B in parts.items():
                 rec[f"{name}_mean"], rec[f"{name}_std"] = r_B.mean().item(), r_B.std().item()
-            rec.update({k: float(np.mean([s[k] for s in step_stats])) for k in step_stats[0]})
+            every = [s for stats in mb_stats for s in stats]
+            rec.update({k: float(np.mean([s[k] for s in every])) for k in every[0]})
+            later = [s for stats in mb_stats[1:] for s in stats]  # after at least one update of this step
+            rec.update(ratio_first=float(np.mean([s["ratio_mean"] for s in mb_stats[0]])),
+                       clip_frac_first=float(np.mean([s["clip_frac"] for s in mb_stats[0]])),
+                       ratio_later=float(np.mean([s["ratio_mean"] for s in later])) if later else None,
+                       clip_frac_later=float(np.mean([s["clip_frac"] for s in later])) if later else None,
+                       logprob_gap_max=gap_BL.max().item(), logprob_gap_mean=gap_BL.mean().item(),
+                       kl_share=rec["kl_loss"] / (abs(rec["policy_loss"]) + rec["kl_loss"]) if rec["kl_loss"] > 0 else 0.0)
             rec.update(adv_abs_mean=adv_B.abs().mean().item(), adv_max=adv_B.max().item(), adv_min=adv_B.min().item(),
                        zero_adv_groups=(adv_B.view(-1, cfg.group_size) == 0).all(1).float().mean().item(),
                        grad_norm=float(np.mean(grad_norms)), diversity=group_diversity(features_BD, cfg.group_size),
@@ -1356,7 +1419,8 @@ def train(cfg: Config) -> dict:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             tqdm.write(f"step {step:4d} | reward {rec['reward_mean']:.4f} +- {rec['reward_std']:.4f} | kl {rec['kl']:.2e} | "
-                       f"clip {rec['clip_frac']:.3f} | ratio {rec['ratio_mean']:.4f} | grad {rec['grad_norm']:.3f} | "
+                       f"clip {rec['clip_frac']:.3f} | ratio {rec['ratio_mean']:.4f} | gap {rec['logprob_gap_max']:.1e} | "
+                       f"ent {rec['entropy']:.3f} | grad {rec['grad_norm']:.3f} | "
                        f"div {rec['diversity']:.3f} | {t3 - t0:.2f}s (sample {t1 - t0:.2f} reward {t2 - t1:.2f} update {t3 - t2:.2f})"
                        + (f" | eval reward {rec['eval_reward']:.4f}" if "eval_reward" in rec else ""))
             if done % cfg.save_every == 0 or done == cfg.steps or stop:
