@@ -9,6 +9,7 @@ import http.server
 import json
 import math
 import os
+import re
 import sys
 import threading
 from pathlib import Path
@@ -225,7 +226,8 @@ class FileServer(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture()
-def server():
+def server(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # these tests download, from a local server
     FileServer.mode, FileServer.ranges = "ok", []
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FileServer)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -775,16 +777,24 @@ def test_resume_errors(tmp_path):
     vg.train(tiny_cfg(tmp_path / "r", steps=1, group_size=2, micro_batch=2))
     with pytest.raises(FileExistsError, match="--resume"):
         vg.train(tiny_cfg(tmp_path / "r", steps=2, group_size=2, micro_batch=2))
-    with pytest.raises(ValueError, match="different model: vae_ckpt"):
+    with pytest.raises(ValueError, match="different settings: --vae-ckpt was '', now 'other.pth'"):
         vg.train(tiny_cfg(tmp_path / "r", steps=2, group_size=2, micro_batch=2, resume=True, vae_ckpt="other.pth"))
 
 
-def test_missing_weights_offline_is_a_clear_error(tmp_path, monkeypatch):
+def test_missing_weights_offline_is_a_clear_error(tmp_path, monkeypatch, server):
     monkeypatch.setattr(vg, "VAR_URL", "http://127.0.0.1:9/")  # nothing listens there: as good as offline
-    with pytest.raises(vg.WeightsError, match=r"http://127.0.0.1:9/vae_ch160v4096z32.pth.*by hand"):
+    with pytest.raises(vg.WeightsError, match=r"http://127.0.0.1:9/vae_ch160v4096z32.pth failed after 3 attempts.*"
+                                              r"nothing was downloaded.*by hand") as err:
         vg.load_models(vg.Config(cache_dir=str(tmp_path)), torch.device("cpu"))
+    assert ".part" not in str(err.value) and not list(tmp_path.glob("*.part"))  # no "0 bytes are kept in ....part"
     with pytest.raises(vg.WeightsError, match="does not exist"):
         vg.load_models(vg.Config(vae_ckpt=str(tmp_path / "nope.pth")), torch.device("cpu"))
+    with pytest.raises(vg.WeightsError, match="is a directory; give the path of the .pth file itself"):
+        vg.load_models(vg.Config(vae_ckpt=str(tmp_path)), torch.device("cpu"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: one clear message, and the network is never tried
+    with pytest.raises(vg.WeightsError, match=r"file.pth is not in the cache .*HF_HUB_OFFLINE is set.*by hand"):
+        vg.download(f"{server}/file.pth", tmp_path / "file.pth")
+    assert FileServer.ranges == []
 
 
 def test_command_line_reports_bad_input_plainly(tmp_path):
@@ -792,6 +802,181 @@ def test_command_line_reports_bad_input_plainly(tmp_path):
     r = subprocess.run([sys.executable, str(HERE / "var_grpo.py"), "--tiny", "--group-size", "1", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "error: bad configuration" in r.stderr and "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input and faults: a clear message before any work, exit code 1 without a traceback, nothing lost
+# ------------------------------------------------------------------------------------------------
+
+def run_main(argv, monkeypatch):
+    """vg.main(argv) as the command line runs it; loading a model is an error here (every check comes first).
+    Returns the message it exits with."""
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the configuration was rejected")
+    monkeypatch.setattr(vg, "load_models", no_loading)
+    monkeypatch.setattr(vg, "benchmark", lambda cfg: no_loading() if vg.check_config(cfg) is None else None)
+    with pytest.raises(SystemExit) as e:
+        vg.main(argv)
+    assert isinstance(e.value.code, str) and e.value.code.startswith("error: "), e.value.code
+    return e.value.code
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "inf"], "--lr inf: must be a finite number"),
+    (["--lr", "1e6"], r"--lr 1000000.0: must be in \(0, 1\]"),
+    (["--temperature", "nan"], "--temperature nan: must be a finite number"),
+    (["--eval-every", "0"], "--eval-every 0: must be at least 1"),
+    (["--save-every", "0"], "--save-every 0: must be at least 1"),
+    (["--num-eval", "0"], "--num-eval 0: must be at least 1"),
+    (["--bench", "--bench-batch", "0"], "--bench-batch 0: must be at least 1"),
+    (["--bench", "--depth", "-4"], "--depth -4: must be at least 1"),
+    (["--device", "tpu"], "--device 'tpu' is not a device name; use auto, cpu, cuda or cuda:N"),
+    (["--device", "mps"], "--device 'mps': this script runs on cpu or cuda only"),
+    (["--classes", "5000"], r"class ids must lie in 0..999 \(got \[5000\]\)"),
+    (["--depth", "17"], "--depth 17: official VAR weights exist for depth 16, 20, 24, 30; or pass your own with --var-ckpt"),
+    (["--prompt", " "], "--prompt is empty"),
+    (["--clip-model", "ViT-B-32"], "--clip-model ViT-B-32 needs --clip-ckpt"),
+    (["--eval-top-p", "1.5"], r"--eval-top-p 1.5: must be in \[0, 1\]"),
+])
+def test_bad_flags_are_named_before_any_download(argv, message, tmp_path, monkeypatch):
+    assert re.search(message, run_main(argv + ["--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "c")], monkeypatch))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_without_a_gpu(tmp_path, monkeypatch):
+    message = run_main(["--tiny", "--device", "cuda", "--out", str(tmp_path)], monkeypatch)
+    assert "--device cuda: torch sees no CUDA GPU here; use --device cpu" in message
+
+
+def test_out_and_cache_must_be_writable_before_any_work(tmp_path, monkeypatch):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    message = run_main(["--tiny", "--out", str(a_file / "run")], monkeypatch)
+    assert f"--out {a_file / 'run'}: cannot create or write files there" in message
+    monkeypatch.setenv("VAR_GRPO_CACHE", str(a_file / "cache"))  # the real models would be downloaded there
+    message = run_main(["--out", str(tmp_path / "run")], monkeypatch)
+    assert "the weight cache ($VAR_GRPO_CACHE or ~/.cache/var_grpo)" in message and "cannot create or write" in message
+
+
+def test_default_out_name_is_bounded():
+    long = "a ukiyo-e painting of " + "a very long prompt " * 30
+    a, b = vg.out_dir(vg.Config(prompt=long)), vg.out_dir(vg.Config(prompt=long + "!"))
+    assert a.parent == Path("runs") and len(a.name) <= 70 and a != b  # cut, and kept apart by a hash
+    assert vg.out_dir(vg.Config(prompt="ukiyo-e painting")) == Path("runs/ukiyo-e-painting-d16")
+
+
+def test_one_run_per_out_directory(tmp_path, monkeypatch):
+    """Two runs into one --out would interleave their metrics and checkpoints: the second is refused, naming the
+    first one's process; a run that died (SIGKILL) does not leave --out locked."""
+    import signal, subprocess
+    out = tmp_path / "run"
+    out.mkdir()
+    with vg.run_lock(out):
+        message = run_main(["--tiny", "--out", str(out), "--steps", "1"], monkeypatch)
+    assert f"{out} is in use by another run (process {os.getpid()})" in message
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {str(HERE)!r}); import var_grpo as vg\n"
+                               f"from pathlib import Path\nwith vg.run_lock(Path({str(out)!r})):\n"
+                               f"    print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    assert f"(process {holder.pid})" in run_main(["--tiny", "--out", str(out)], monkeypatch)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    monkeypatch.undo()
+    assert vg.train(tiny_cfg(out, steps=1, group_size=2, micro_batch=2, summary_samples=0))["records"]
+
+
+def test_resume_refuses_settings_that_would_not_apply(tmp_path):
+    kw = dict(steps=1, group_size=2, micro_batch=2, summary_samples=0)
+    vg.train(tiny_cfg(tmp_path / "r", **kw))
+    with pytest.raises(ValueError) as err:
+        vg.train(tiny_cfg(tmp_path / "r", **dict(kw, steps=2, lr=3e-4, group_size=4, classes_per_step=1, seed=5,
+                                                 micro_batch=1), resume=True))
+    for change in ("--lr was 0.0001, now 0.0003", "--group-size was 2, now 4", "--classes-per-step was 2, now 1",
+                   "--seed was 0, now 5", "config.json"):
+        assert change in str(err.value), change
+    assert "micro-batch was" not in str(err.value)  # how the machine is used may change
+    may_change = ["--" + k.replace("_", "-") for k in vg.RESUME_MAY_CHANGE]
+    assert all(flag in vg.field_help()["resume"] for flag in may_change)  # --help says what may change
+    assert vg.train(tiny_cfg(tmp_path / "r", **dict(kw, steps=2, micro_batch=1), resume=True))["records"][-1]["step"] == 1
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+    path = tmp_path / "checkpoint.pt"
+    vg.atomic_save({"step": 1}, path)
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):  # write part of the file, then fail as a full disk does
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="could not write .*checkpoint.pt: the disk is full.*previous checkpoint.pt is intact"):
+        vg.atomic_save({"step": 2}, path)
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only file system")))
+    with pytest.raises(OSError, match="the file system is read-only"):
+        vg.atomic_save({"step": 2}, path)
+
+    def zip_writer_error(obj, f, *args, **kwargs):  # what torch.save really raises on a full disk
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+    monkeypatch.setattr(torch, "save", zip_writer_error)
+    monkeypatch.setattr("shutil.disk_usage", lambda p: type("Usage", (), {"free": 4096})())
+    with pytest.raises(OSError, match=r"the disk is full \(0 MB free\)"):
+        vg.atomic_save({"step": 2}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(path)["step"] == 1 and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_a_run_whose_save_fails_says_so_and_resumes(tmp_path, monkeypatch):
+    import errno
+    real_save, saves = vg.atomic_save, []
+
+    def fail_second_checkpoint(obj, path):
+        if path.name == "checkpoint.pt":
+            saves.append(1)
+            if len(saves) == 2:
+                raise OSError(f"could not write {path}: the disk is full (0 MB free).")
+        return real_save(obj, path)
+    monkeypatch.setattr(vg, "atomic_save", fail_second_checkpoint)
+    with pytest.raises(SystemExit, match="the disk is full"):
+        vg.main(["--tiny", "--out", str(tmp_path), "--steps", "4", "--save-every", "2", "--summary-samples", "0"])
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert vg.train(tiny_cfg(tmp_path, steps=4, save_every=2, summary_samples=0, resume=True))["records"][-1]["step"] == 3
+
+
+def test_resume_messages_for_damaged_or_missing_state(tmp_path, capsys):
+    kw = dict(group_size=2, micro_batch=2, summary_samples=0)
+    vg.train(tiny_cfg(tmp_path / "a", steps=2, **kw))
+    metrics = tmp_path / "a" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 2, "reward_me')  # killed while writing a line
+    assert [r["step"] for r in vg.train(tiny_cfg(tmp_path / "a", steps=3, resume=True, **kw))["records"]] == [0, 1, 2]
+    assert f"the last line of {metrics} is incomplete" in capsys.readouterr().err
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=f"{re.escape(str(metrics))}, line 2, is not a JSON record"):
+        vg.train(tiny_cfg(tmp_path / "a", steps=4, resume=True, **kw))
+    ckpt = tmp_path / "a" / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])  # truncated
+    with pytest.raises(ValueError, match=f"--resume: {re.escape(str(ckpt))} cannot be read .*damaged"):
+        vg.train(tiny_cfg(tmp_path / "a", steps=4, resume=True, **kw))
+    (tmp_path / "b").mkdir()  # a run killed before its first checkpoint, after logging 3 steps
+    (tmp_path / "b" / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1}\n{"step": 2}\n')
+    with pytest.raises(FileNotFoundError, match="logged 3 step.*before its first checkpoint.*without --resume"):
+        vg.train(tiny_cfg(tmp_path / "b", steps=4, resume=True, **kw))
+
+
+def test_a_non_finite_gradient_stops_before_it_reaches_the_weights(tmp_path, monkeypatch):
+    real_loss, calls = vg.grpo_loss, []
+
+    def nan_on_third_step(*args, **kwargs):
+        loss, stats = real_loss(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) > 4 else loss), stats  # 2 updates of 2 micro-batches a step
+    monkeypatch.setattr(vg, "grpo_loss", nan_on_third_step)
+    with pytest.raises(SystemExit, match=r"gradient norm is nan, so this update was not applied; lower --lr.*kept"):
+        vg.main(["--tiny", "--out", str(tmp_path), "--steps", "5", "--save-every", "1", "--summary-samples", "0"])
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 2 and all(torch.isfinite(v).all() for k, v in ck["model"].items() if k != "attn_bias_for_masking")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -875,7 +1060,7 @@ def test_tiny_lora_run_learns_resumes_and_exports(tmp_path):
     resumed = vg.train(tiny_cfg(tmp_path / "b", steps=4, resume=True, **short))["var"]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
-    with pytest.raises(ValueError, match="lora_rank was 4, now 8"):
+    with pytest.raises(ValueError, match="--lora-rank was 4, now 8"):
         vg.train(tiny_cfg(tmp_path / "b", steps=6, resume=True, **dict(short, lora_rank=8)))
 
 
@@ -969,6 +1154,7 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes(tmp_path):
             break
     rest = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0 and "Traceback" not in rest, rest
+    assert "Ctrl-C again stops at once" in rest and "before_after.png" not in rest  # not made: not listed
     saved = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["step"]
     logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert 3 <= saved < 200 and logged == list(range(saved)), (saved, logged)
@@ -976,6 +1162,30 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes(tmp_path):
     assert r.returncode == 0 and f"resumed {out} at step {saved}" in r.stdout, r.stderr
     logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(saved + 2))
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path, monkeypatch, capsys):
+    """Two SIGINTs during the third step: the first asks to stop after the step, the second stops at once; the
+    command line exits with 130 and a message, and the checkpoints written so far are kept."""
+    import signal, time
+    real_step, calls = vg.grpo_step, []
+
+    def step_interrupted_twice(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)  # the handler runs and prints its message
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)    # interrupted here
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(vg, "grpo_step", step_interrupted_twice)
+    with pytest.raises(SystemExit) as e:
+        vg.main(["--tiny", "--out", str(tmp_path), "--steps", "10", "--save-every", "1"])
+    printed = capsys.readouterr()
+    assert e.value.code == 130 and "Ctrl-C again stops at once" in printed.out
+    assert "stopped at once by Ctrl-C" in printed.err and "--resume continues from the last one" in printed.err
+    assert torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=False)["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
 
 
 def test_out_of_memory_says_what_to_lower_and_keeps_checkpoints(tmp_path, monkeypatch):

@@ -178,9 +178,12 @@ class Config:
     summary_samples: int = 256
     """at the end, fresh samples of the starting and the final policy (same classes and seeds) scored into summary.json"""
     out: str = ""
-    """output directory; empty: runs/<prompt>-d<depth>, or runs/tiny-<reward> with --tiny"""
+    """output directory, one run at a time; empty: runs/<prompt>-d<depth> (runs/tiny-<reward> with --tiny), at most
+    60 characters plus a hash"""
     resume: bool = False
-    """continue the run in --out from its checkpoint.pt"""
+    """continue the run in --out from its checkpoint.pt, with the same settings: it refuses, naming them, any change but
+    --steps, --eval-every, --save-every, --summary-samples, --device, --micro-batch, --grad-checkpointing,
+    --sample-batch, --compile, --cache-dir"""
 
 
 def field_help(cls=Config) -> dict:
@@ -214,9 +217,21 @@ def parse_config(argv: Optional[List[str]] = None) -> Config:
 
 
 def resolve_device(name: str) -> torch.device:
+    """--device as a torch.device, or a ValueError saying why it cannot be used here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: this script runs on cpu or cuda only")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu (with --tiny: a CPU run), "
+                         f"or install a CUDA build of torch on a machine with an NVIDIA GPU")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    return device
 
 
 def autocast(device: torch.device):
@@ -271,10 +286,13 @@ def download(url: str, dest: Path, attempts: int = 3, timeout: float = 30.0) -> 
     dest = Path(dest)
     if dest.exists():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     manual = (f"You can download it by hand (e.g. in a browser) and save it as {dest}, "
-              f"or pass its local path with --vae-ckpt / --var-ckpt / --clip-ckpt.")
+              f"or pass its local path with --vae-ckpt / --var-ckpt / --clip-ckpt / --aesthetic-ckpt.")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise WeightsError(f"{dest.name} is not in the cache ({dest}) and HF_HUB_OFFLINE is set, so it is not "
+                           f"downloaded from {url}. {manual}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(attempts):
         have = part.stat().st_size if part.exists() else 0
         headers = {"Range": f"bytes={have}-"} if have else {}
@@ -299,8 +317,10 @@ def download(url: str, dest: Path, attempts: int = 3, timeout: float = 30.0) -> 
                         raise requests.ConnectionError(f"connection closed at {part.stat().st_size} of {total} bytes")
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
             if attempt == attempts - 1:
-                raise WeightsError(f"Downloading {url} was interrupted ({e}); {part.stat().st_size if part.exists() else 0} "
-                                   f"bytes are kept in {part} and the next run resumes from there. {manual}") from e
+                have = part.stat().st_size if part.exists() else 0
+                kept = (f"{have} bytes are kept in {part} and the next run resumes from there" if have else
+                        "nothing was downloaded")
+                raise WeightsError(f"Downloading {url} failed after {attempts} attempts ({e}); {kept}. {manual}") from e
             print(f"download of {dest.name} interrupted ({e}); resuming", file=sys.stderr)
             continue
         if expected_sha is not None:
@@ -325,6 +345,8 @@ def cached_name(url: str) -> str:
 def weight_path(local: str, url: str, cfg: Config) -> Path:
     """A user-given local file (no network needed), else the cached copy of url, downloaded if missing."""
     if local:
+        if Path(local).is_dir():
+            raise WeightsError(f"{local} is a directory; give the path of the .pth file itself.")
         if not Path(local).is_file():
             raise WeightsError(f"{local} does not exist; give the path of a weight file that does.")
         return Path(local)
@@ -1350,32 +1372,88 @@ def parse_classes(spec: str, num_classes: int) -> torch.Tensor:
     return torch.tensor(ids)
 
 
+OFFICIAL_DEPTHS = (16, 20, 24, 30)  # the var_d{depth}.pth files FoundationVision publishes
+
+
 def check_config(cfg: Config):
-    """Reject bad settings before any model is loaded or any work is done."""
-    n = cfg.classes_per_step * cfg.group_size
+    """Reject bad settings before any download, model load or other work, all problems in one message."""
     problems = []
-    if cfg.group_size < 2:
-        problems.append(f"--group-size {cfg.group_size}: GRPO compares images within a group, so it needs at least 2")
-    if cfg.classes_per_step < 1 or cfg.minibatches < 1 or cfg.micro_batch < 1 or cfg.inner_epochs < 1 or cfg.steps < 1:
-        problems.append("--classes-per-step, --minibatches, --micro-batch, --inner-epochs and --steps must be >= 1")
-    elif n % cfg.minibatches or (n // cfg.minibatches) % cfg.micro_batch:
-        problems.append(f"P*G = {cfg.classes_per_step}*{cfg.group_size} = {n} images must split into --minibatches "
-                        f"{cfg.minibatches} of a whole number of --micro-batch {cfg.micro_batch} images; "
-                        f"e.g. --minibatches 1 --micro-batch {math.gcd(n, cfg.micro_batch)}")
-    if cfg.temperature <= 0 or cfg.clip_eps <= 0 or cfg.beta < 0 or cfg.lr <= 0 or cfg.cfg < 0 or cfg.summary_samples < 0:
-        problems.append("--temperature, --clip-eps and --lr must be > 0; --beta, --cfg and --summary-samples >= 0")
+
+    def need(ok: bool, problem: str):
+        if not ok:
+            problems.append(problem)
+    for f in fields(Config):  # argparse reads "nan" and "inf" as floats
+        value = getattr(cfg, f.name)
+        need(not isinstance(value, float) or math.isfinite(value), f"--{f.name.replace('_', '-')} {value}: must be a finite number")
+    if problems:
+        raise ValueError("bad configuration:\n  " + "\n  ".join(problems))
+    need(cfg.group_size >= 2, f"--group-size {cfg.group_size}: GRPO compares images within a group, so it needs at least 2")
+    for flag, value in (("--classes-per-step", cfg.classes_per_step), ("--minibatches", cfg.minibatches),
+                        ("--micro-batch", cfg.micro_batch), ("--inner-epochs", cfg.inner_epochs), ("--steps", cfg.steps),
+                        ("--eval-every", cfg.eval_every), ("--save-every", cfg.save_every), ("--num-eval", cfg.num_eval),
+                        ("--bench-batch", cfg.bench_batch)):
+        need(value >= 1, f"{flag} {value}: must be at least 1")
+    for flag, value in (("--summary-samples", cfg.summary_samples), ("--sample-batch", cfg.sample_batch),
+                        ("--lora-rank", cfg.lora_rank), ("--eval-top-k", cfg.eval_top_k), ("--beta", cfg.beta),
+                        ("--cfg", cfg.cfg), ("--adv-eps", cfg.adv_eps), ("--weight-decay", cfg.weight_decay)):
+        need(value >= 0, f"{flag} {value}: must be >= 0")
+    need(0 < cfg.lr <= 1, f"--lr {cfg.lr}: must be in (0, 1]; AdamW moves each weight by about lr a step, so above 1 "
+                          f"the first update wrecks the model (1e-5 for full fine-tuning, ~1e-4 with LoRA)")
+    need(cfg.temperature > 0, f"--temperature {cfg.temperature}: must be > 0 (1: the model's own distribution)")
+    need(0 < cfg.clip_eps <= 1, f"--clip-eps {cfg.clip_eps}: must be in (0, 1] (0.2 is usual)")
+    need(cfg.max_grad_norm > 0, f"--max-grad-norm {cfg.max_grad_norm}: must be > 0")
+    need(0 <= cfg.eval_top_p <= 1, f"--eval-top-p {cfg.eval_top_p}: must be in [0, 1] (0: off)")
+    n = cfg.classes_per_step * cfg.group_size
+    if cfg.classes_per_step >= 1 and cfg.minibatches >= 1 and cfg.micro_batch >= 1:
+        need(n % cfg.minibatches == 0 and (n // cfg.minibatches) % cfg.micro_batch == 0,
+             f"P*G = {cfg.classes_per_step}*{cfg.group_size} = {n} images must split into --minibatches {cfg.minibatches} "
+             f"of a whole number of --micro-batch {cfg.micro_batch} images; e.g. --minibatches 1 --micro-batch "
+             f"{math.gcd(n, cfg.micro_batch)}")
     for flag, value, choices in (("--adv-norm", cfg.adv_norm, ("group", "batch", "none")),
                                  ("--old-logprobs", cfg.old_logprobs, ("sampler", "recompute")),
                                  ("--token-weight", cfg.token_weight, ("token", "scale"))):
-        if value not in choices:
-            problems.append(f"{flag} {value!r}: choose one of {', '.join(choices)}")
-    if cfg.sample_batch < 0 or cfg.lora_rank < 0:
-        problems.append("--sample-batch and --lora-rank must be >= 0")
-    if cfg.tiny and cfg.depth != Config.depth:
-        problems.append(f"--tiny uses the toy world's VAR-d{TOY_DEPTH}; drop --depth")
+        need(value in choices, f"{flag} {value!r}: choose one of {', '.join(choices)}")
+    if cfg.tiny:
+        need(cfg.depth == Config.depth, f"--tiny uses the toy world's VAR-d{TOY_DEPTH}; drop --depth")
+    elif cfg.bench:
+        need(cfg.depth >= 1, f"--depth {cfg.depth}: must be at least 1")
+    elif not cfg.var_ckpt:  # the weights are downloaded: only the published depths exist
+        need(cfg.depth in OFFICIAL_DEPTHS, f"--depth {cfg.depth}: official VAR weights exist for depth "
+                                           f"{', '.join(map(str, OFFICIAL_DEPTHS))}; or pass your own with --var-ckpt")
+    else:
+        need(cfg.depth >= 1, f"--depth {cfg.depth}: must be at least 1")
+    try:
+        reward = parse_reward_spec(cfg.reward)
+        if "clip" in reward:
+            need(bool(cfg.prompt.strip()), "--prompt is empty but the clip reward needs a text to compare the images with")
+        if ("clip" in reward or "aesthetic" in reward) and not cfg.tiny:
+            need(cfg.clip_model == DEFAULT_CLIP or bool(cfg.clip_ckpt),
+                 f"--clip-model {cfg.clip_model} needs --clip-ckpt: a local weight file or an open_clip pretrained tag "
+                 f"(python -c 'import open_clip; print(open_clip.list_pretrained())')")
+    except ValueError as e:
+        problems.append(str(e))
+    try:
+        parse_classes(cfg.classes, (TOY_ARCH if cfg.tiny else OFFICIAL_ARCH)["num_classes"])
+    except ValueError as e:
+        problems.append(str(e))
+    try:
+        resolve_device(cfg.device)
+    except ValueError as e:
+        problems.append(str(e))
     if problems:
         raise ValueError("bad configuration:\n  " + "\n  ".join(problems))
-    parse_reward_spec(cfg.reward)
+
+
+def check_writable(path: Path, what: str):
+    """Create directory `path` if needed and prove it takes a file, before any work is done there."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{what} {path}: cannot create or write files there ({e.strerror or e}); "
+                         f"choose a directory you can write to") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1432,21 +1510,81 @@ def save_reward_curve(records: List[dict], path: Path, width: int = 640, height:
     img.save(path)
 
 
+def write_failure(e: Exception, path: Path) -> str:
+    """Why writing `path` failed, in words: disk full, read-only file system, no permission, or the error itself."""
+    import errno, shutil
+    code = getattr(e, "errno", None)
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    if code == errno.ENOSPC or (free is not None and free < 1 << 26):  # torch's zip writer hides ENOSPC ("unexpected pos")
+        return f"the disk is full ({free / 2**20:.0f} MB free)" if free is not None else "the disk is full"
+    if code == errno.EROFS:
+        return "the file system is read-only"
+    if code in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    return f"{type(e).__name__}: {e}"
+
+
 def atomic_save(obj, path: Path):
-    """Write to a temporary file, then rename: a crash mid-write never leaves a truncated checkpoint."""
+    """Write to path.tmp, flush it to disk, then rename it over path. A crash, a full disk or a read-only file system
+    mid-write leaves the previous file as it was and no .tmp behind; the error says which of these happened."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        kept = f" The previous {path.name} is intact." if path.exists() else ""
+        raise OSError(f"could not write {path}: {write_failure(e, path)}.{kept} Free some space (or fix the "
+                      f"directory), then continue with --resume.") from None
 
 
-MODEL_FIELDS = ("depth", "tiny", "var_ckpt", "vae_ckpt", "lora_rank")  # a checkpoint only resumes with the same model
+# What a resumed run may change: how long it runs, how often it saves and evaluates, and how it uses the machine.
+# Anything else would silently not apply (the optimizer keeps its learning rate) or change the experiment midway.
+RESUME_MAY_CHANGE = ("steps", "eval_every", "save_every", "summary_samples", "device", "micro_batch",
+                     "grad_checkpointing", "sample_batch", "compile", "cache_dir")
 
 
 def out_dir(cfg: Config) -> Path:
+    """--out, else runs/<prompt>-d<depth> (runs/tiny-<reward>), cut to 60 characters plus a hash when longer."""
     if cfg.out:
         return Path(cfg.out)
-    slug = "".join(c if c.isalnum() else "-" for c in (f"tiny-{cfg.reward}" if cfg.tiny else f"{cfg.prompt}-d{cfg.depth}").lower())
-    return Path("runs") / "-".join(filter(None, slug.split("-")))
+    name = f"tiny-{cfg.reward}" if cfg.tiny else f"{cfg.prompt}-d{cfg.depth}"
+    slug = "-".join(filter(None, "".join(c if c.isalnum() else "-" for c in name.lower()).split("-")))
+    if len(slug) > 60:
+        slug = slug[:60].rstrip("-") + "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    return Path("runs") / slug
+
+
+@contextmanager
+def run_lock(out: Path):
+    """One run per --out at a time: an exclusive lock on out/.lock, which holds the running process's id. The
+    operating system releases it when the process ends, however it ends, so a crashed run never leaves it stuck.
+    (fcntl is POSIX: on Windows there is no lock.)"""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(out / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise ValueError(f"{out} is in use by another run (process {f.read().strip() or 'unknown'}); wait for it "
+                             f"to finish or stop it, or choose another --out") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1553,6 +1691,9 @@ def grpo_step(var: VAR, ref: Optional[VAR], vae: VQVAE, reward_fn, opt, label_B,
                 (loss * (len(idx) / mb_size)).backward()  # the minibatch's loss is the mean over its images
                 mb_stats[-1].append(dict(stats, entropy=entropy_BL.mean().item()))
             grad_norms.append(torch.nn.utils.clip_grad_norm_(trained, cfg.max_grad_norm).item())
+            if not math.isfinite(grad_norms[-1]):  # stepping would write NaN into every weight
+                raise FloatingPointError(f"the gradient norm is {grad_norms[-1]}, so this update was not applied; "
+                                         f"lower --lr (now {cfg.lr}) or raise --beta")
             opt.step()
     t3 = end_of_phase("update")
     # the log record
@@ -1577,26 +1718,81 @@ def grpo_step(var: VAR, ref: Optional[VAR], vae: VQVAE, reward_fn, opt, label_B,
     return rec
 
 
+def needs_download(cfg: Config) -> bool:
+    """Will this run fetch weights into the cache (some file not given locally)?"""
+    reward = parse_reward_spec(cfg.reward)
+    return not cfg.tiny and (not cfg.vae_ckpt or not cfg.var_ckpt or ("clip" in reward and not cfg.clip_ckpt)
+                             or ("aesthetic" in reward and not cfg.aesthetic_ckpt))
+
+
+def open_checkpoint(cfg: Config, out: Path) -> Optional[dict]:
+    """None for a new run, which needs an --out without a checkpoint. With --resume: the checkpoint, checked to be
+    readable and from a run with the same settings (those in RESUME_MAY_CHANGE aside), before anything is loaded."""
+    path = out / "checkpoint.pt"
+    if not cfg.resume:
+        if path.exists():
+            raise FileExistsError(f"{out} already holds a run (checkpoint.pt); pass --resume to continue it or choose another --out")
+        return None
+    if not path.exists():
+        metrics = out / "metrics.jsonl"
+        logged = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+        if logged:
+            raise FileNotFoundError(f"--resume: there is no {path}: the run in {out} logged {logged} step(s) in "
+                                    f"metrics.jsonl but stopped before its first checkpoint (one every --save-every "
+                                    f"steps, and on Ctrl-C). Start it again without --resume.")
+        raise FileNotFoundError(f"--resume: there is no {path}; point --out at the run to continue")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds RNG states and config
+        old = ck["config"]
+    except Exception as e:
+        raise ValueError(f"--resume: {path} cannot be read ({type(e).__name__}: {str(e)[:200]}): it is damaged, e.g. "
+                         f"truncated by a copy. Restore it from a backup, or start the run again in another --out.") from None
+    differs = [k for k in vars(cfg) if k not in RESUME_MAY_CHANGE + ("out", "resume", "bench", "bench_batch")
+               and old.get(k, getattr(Config, k)) != getattr(cfg, k)]
+    if differs:
+        raise ValueError(f"--resume: {path} was trained with different settings: " + ", ".join(
+            f"--{k.replace('_', '-')} was {old.get(k, getattr(Config, k))!r}, now {getattr(cfg, k)!r}" for k in differs)
+            + f". A resumed run continues the same experiment: give the original values (they are in "
+            f"{out / 'config.json'}), or start a new run in another --out. Only these may change on --resume: "
+            + ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE) + ".")
+    return ck
+
+
+def read_metrics(path: Path, before_step: int) -> List[dict]:
+    """The records of metrics.jsonl for steps < before_step. A torn last line (the run was killed while writing it)
+    is dropped with a warning; a damaged line elsewhere is an error that names it."""
+    lines = path.read_text().splitlines() if path.is_file() else []
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                print(f"warning: the last line of {path} is incomplete (the run was stopped while writing it); "
+                      f"dropped", file=sys.stderr)
+                break
+            raise ValueError(f"{path}, line {i + 1}, is not a JSON record ({line[:60]!r}); repair or delete that line, "
+                             f"then --resume again") from None
+    return [r for r in records if r.get("step", before_step) < before_step]
+
+
 def train(cfg: Config) -> dict:
+    """Check every setting and path, take --out for this run alone, then run GRPO."""
     check_config(cfg)
     device = resolve_device(cfg.device)
     out = out_dir(cfg)
+    check_writable(out, "--out")
+    if needs_download(cfg):
+        check_writable(cache_dir(cfg), "--cache-dir" if cfg.cache_dir else "the weight cache ($VAR_GRPO_CACHE or ~/.cache/var_grpo)")
+    with run_lock(out):
+        return run_grpo(cfg, device, out, open_checkpoint(cfg, out))
+
+
+def run_grpo(cfg: Config, device: torch.device, out: Path, ck: Optional[dict]) -> dict:
     ckpt_path = out / "checkpoint.pt"
-    if cfg.resume and not ckpt_path.exists():
-        raise FileNotFoundError(f"--resume: there is no {ckpt_path}; point --out at the run to continue")
-    if not cfg.resume and ckpt_path.exists():
-        raise FileExistsError(f"{out} already holds a run (checkpoint.pt); pass --resume to continue it or choose another --out")
     if cfg.tiny:
         print(f"--tiny: the toy world on {cfg.device}: VAR-d{TOY_DEPTH} pretrained on 32 px coloured shapes "
               f"(notebooks/toy_world.py), fine-tuned for --reward {cfg.reward}.")
-    ck = None
-    if cfg.resume:  # check the model settings before loading anything
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file: holds RNG states and config
-        differs = {k: (ck["config"].get(k, getattr(Config, k)), getattr(cfg, k)) for k in MODEL_FIELDS
-                   if ck["config"].get(k, getattr(Config, k)) != getattr(cfg, k)}
-        if differs:
-            raise ValueError(f"--resume: {ckpt_path} was trained with a different model: " + ", ".join(
-                f"{k} was {a!r}, now {b!r}" for k, (a, b) in differs.items()) + ". Resume with the original settings.")
     torch.manual_seed(cfg.seed)
     vae, var = load_models(cfg, device)
     reward_fn = build_reward(cfg, device)
@@ -1607,7 +1803,6 @@ def train(cfg: Config) -> dict:
     pool = parse_classes(cfg.classes, var.num_classes)
     eval_labels = pool[torch.arange(cfg.num_eval) % len(pool)].to(device)
     start = 0
-    out.mkdir(parents=True, exist_ok=True)
     if ck is not None:
         var.load_state_dict(ck["model"], strict=cfg.lora_rank == 0)  # LoRA: the adapters; the base came from disk
         opt.load_state_dict(ck["optimizer"])
@@ -1617,8 +1812,7 @@ def train(cfg: Config) -> dict:
         print(f"resumed {out} at step {start}")
     (out / "config.json").write_text(json.dumps(vars(cfg), indent=1))
     metrics_path = out / "metrics.jsonl"
-    records = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if r["step"] < start] \
-        if cfg.resume and metrics_path.exists() else []
+    records = read_metrics(metrics_path, start) if cfg.resume else []
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
     if start == 0:
         print(f"step 0 evaluation reward {evaluate(var, vae, reward_fn, cfg, device, eval_labels, out / 'eval_step00000.png'):.4f}")
@@ -1627,10 +1821,14 @@ def train(cfg: Config) -> dict:
         atomic_save(dict(model=trained_state_dict(var, cfg), optimizer=opt.state_dict(), step=step, config=vars(cfg),
                          **{f"{name}_gen": gen.get_state() for name, gen in gens.items()}), ckpt_path)
 
-    # Ctrl-C: finish the current step, save, and stop (a second Ctrl-C stops at once).
     stop = []
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: (stop.append(1), print("\nCtrl-C: saving after this step"),
-                                                                 signal.signal(signal.SIGINT, previous_handler)))
+
+    def on_ctrl_c(signum, frame):  # the first Ctrl-C lets the step finish; the default handler takes the second
+        stop.append(signum)
+        print("\nCtrl-C: finishing this step, then saving and stopping (Ctrl-C again stops at once, without saving "
+              "this step)", flush=True)
+        signal.signal(signal.SIGINT, previous_handler)
+    previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
     from tqdm import tqdm
     weight_L = scale_token_weights(var) if cfg.token_weight == "scale" else None  # None: every token 1/L
     try:
@@ -1659,6 +1857,8 @@ def train(cfg: Config) -> dict:
             f"{e}\nOut of GPU memory. Lower --micro-batch (memory of an update), --sample-batch (memory of sampling), "
             f"--classes-per-step or --group-size, add --grad-checkpointing, or train LoRA adapters with --lora-rank 16 "
             f"(README: memory per depth). Checkpoints already written in {out} are kept.") from None
+    except FloatingPointError as e:
+        raise FloatingPointError(f"{e}. Checkpoints already written in {out} are kept.") from None
     finally:
         signal.signal(signal.SIGINT, previous_handler)
     summary = None
@@ -1675,10 +1875,10 @@ def train(cfg: Config) -> dict:
     if records:
         save_reward_curve(records, out / "reward_curve.png")
     # official key names (LoRA merged): loads with --var-ckpt, or into the official VAR
-    torch.save(export_state_dict(var, cfg), out / "var_final.pth")
-    written = [p.name for p in (out / "metrics.jsonl", out / "summary.json", out / "reward_curve.png", out / "before_after.png")
-               if p.exists()]
-    print(f"outputs in {out}: {', '.join(written)}, eval_step*.png, var_final.pth, checkpoint.pt")
+    atomic_save(export_state_dict(var, cfg), out / "var_final.pth")
+    grids = sorted(out.glob("eval_step*.png"))
+    written = [p.name for p in sorted(out.iterdir()) if p.suffix in (".json", ".jsonl", ".png", ".pth", ".pt") and p not in grids]
+    print(f"outputs in {out}: {', '.join(written)}" + (f", {len(grids)} evaluation grids eval_step*.png" if grids else ""))
     return dict(out=out, records=records, var=var, summary=summary)
 
 
@@ -1791,12 +1991,15 @@ def benchmark(cfg: Config, repeats: int = 3) -> dict:
 
 def main(argv: Optional[List[str]] = None):
     cfg = parse_config(argv)
-    if cfg.bench:
-        return benchmark(cfg)
     try:
-        return train(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError, WeightsError, FloatingPointError) as e:
+        return benchmark(cfg) if cfg.bench else train(cfg)
+    except (ValueError, OSError, WeightsError, FloatingPointError) as e:  # OSError: a file could not be written
         raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C during it
+        if not cfg.bench:
+            print(f"\nstopped at once by Ctrl-C; checkpoints already in {out_dir(cfg)} are kept (--resume continues "
+                  f"from the last one)", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
