@@ -6,7 +6,7 @@ Policy Optimization" (arXiv 2505.23331) on top of VAR (Tian et al. 2024, Foundat
 The VAR tokenizer and transformer below load the official checkpoints (vae_ch160v4096z32.pth,
 var_d{16,20,24,30}.pth) unchanged and reproduce the official outputs number for number.
 
-The model (VAR, paper sec. 3)
+The model (VAR paper, arXiv 2404.02905, sec. 3)
   1. Tokenizer. A CNN encoder maps an image to a latent f (Cvae x h x w, h = w = 16 at 256 px). Residual
      quantisation over K scales (patch_nums 1,2,3,4,5,6,8,10,13,16) turns f into K token maps r_1..r_K:
        for k = 1..K:  r_k = argmin_v || area_down(f - f_hat, h_k) - e_v ||        (nearest codebook entry)
@@ -37,18 +37,27 @@ The fine-tuning (GRPO, Shao et al. 2024, as used in the paper)
      gives each of the K scales 1/K instead: w_t = 1/(K n_k) for a token of scale k, which has n_k tokens.
      log pi_old is what the sampler recorded (pi_old = pi_theta at sampling time); --old-logprobs recompute
      recomputes it with one no-grad teacher-forced pass, which removes the bf16 gap between the two on a GPU.
-  8. A few epochs of AdamW over minibatches of the P*G samples (all weights, or with --lora-rank r only low-rank
-     adapters W + B A on the blocks' linears, pi_ref then being the adapters switched off); then back to 4. At the end, fresh samples of the
-     starting and the final policy (same classes and seeds) measure what changed (summary.json).
+  8. A few epochs of AdamW over minibatches of the P*G samples, on all weights or (--lora-rank r) on low-rank
+     adapters W + B A of the blocks' linears, pi_ref then being the adapters off; then back to 4. At the end, fresh
+     samples of the starting and the final policy (same classes and seeds) measure what changed (summary.json).
 
 The toy world (--tiny): the same code on a CPU, with a VQ-VAE and VAR-d2 pretrained from scratch on 32 px images of
 coloured shapes (notebooks/toy_world.py; weights in notebooks/toy/), so that GRPO visibly changes what it draws.
 
-Hyper-parameters: beyond its abstract, the paper's text was not available to us (its Figure 1 used VAR-d30). Every
-default below (learning rate, beta, clip range, group size, steps, reward weights) is this project's choice.
+Shape letters, in names (logits_BLV) and trailing comments:  B images, 2B both CFG branches, P classes a step,
+G group size, K scales (10; the code's si = k - 1 counts from 0), L tokens of all scales (680), l tokens of one
+scale (pn*pn), M = L - 1 teacher-forced inputs, C transformer width (64*depth; in the tokenizer's CNN tensors
+_BChw their channels), H heads, c head width, V vocabulary (4096), Cvae latent channels (32), h, w latent size
+(16), H, W pixels, D CLIP embedding width (768).
 
-Sections, in pipeline order: config | weights | tokenizer | transformer + sampler | rewards | GRPO (what is trained,
-the step, the loop) | benchmark | main.
+Where this differs from the papers and the official code: beyond its abstract, the GRPO paper's text was not
+available to us (its Figure 1 used VAR-d30), so every default (learning rate, beta, clip range, group size, steps,
+reward weights) is this project's choice; VAR.forward drops no class labels (that belongs to pretraining); only
+the released checkpoints' attention (attn_l2_norm=True, shared_aln=False) is implemented.
+
+Reading order: Config | Tokenizer (step 1) | Transformer (step 2) | Sampling (step 3) | Rewards (step 5) | GRPO
+(steps 6-7) | What is trained (step 8) | The training loop (steps 4-8) | main, then an APPENDIX of plumbing: A
+weights, B command line and validation, C run directory, D CUDA graphs, E benchmark.
 """
 from __future__ import annotations
 
@@ -77,7 +86,8 @@ import torch.nn.functional as F
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Config. One dataclass; the string under each field is its --help (read from this source by parse_config).
+# Config. One dataclass; the string under each field is its --help (parse_config, in the appendix, derives the
+# command line from it). Then the architecture of the official checkpoints and of the toy world.
 # ----------------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -186,52 +196,11 @@ class Config:
     --sample-batch, --compile, --cache-dir"""
 
 
-def field_help(cls=Config) -> dict:
-    """{field name: the docstring written under it}, parsed from this file's source."""
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    return {a.target.id: b.value.value for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
-
-
 # --tiny changes these defaults (flags given explicitly still win): a CPU run of ~30 s that turns the toy shapes red.
 # lr and beta were chosen on the toy world: at lr 3e-4, beta 0.01 the shapes turn red too, but the KL reaches ~3 and
 # the judge recognises only ~55% of them afterwards; at lr 1e-4, beta 0.05 it still recognises ~95%.
 TINY_DEFAULTS = dict(device="cpu", reward="redness=1", steps=100, classes_per_step=2, group_size=8, lr=1e-4, beta=0.05,
                      num_eval=20, minibatches=2, micro_batch=8, eval_every=25, save_every=50)
-
-
-def parse_config(argv: Optional[List[str]] = None) -> Config:
-    """The command line is derived from Config: one --flag per field, its docstring as help."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1], epilog=f"--tiny changes the defaults: {TINY_DEFAULTS}",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    helps = field_help()
-    for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps[f.name])
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, help=helps[f.name])
-    if parser.parse_args(argv).tiny:
-        parser.set_defaults(**TINY_DEFAULTS)
-    return Config(**vars(parser.parse_args(argv)))
-
-
-def resolve_device(name: str) -> torch.device:
-    """--device as a torch.device, or a ValueError saying why it cannot be used here."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name!r}: this script runs on cpu or cuda only")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu (with --tiny: a CPU run), "
-                         f"or install a CUDA build of torch on a machine with an NVIDIA GPU")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s), numbered from 0")
-    return device
 
 
 def autocast(device: torch.device):
@@ -252,144 +221,9 @@ TOY_DEPTH = 2
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Weights. The official files live on Hugging Face; we download them once with requests into a cache,
-# resuming interrupted downloads and checking the sha256 the server reports, then load them with
-# strict=True so that any mismatch with the official architecture is an error, not a silent wrong model.
-# ----------------------------------------------------------------------------------------------------------
-
-VAR_URL = "https://huggingface.co/FoundationVision/var/resolve/main/"
-VAE_FILE = "vae_ch160v4096z32.pth"
-
-
-class WeightsError(RuntimeError):
-    """A weight file could not be downloaded or does not fit the model; the message says what to do."""
-
-
-def cache_dir(cfg: Config) -> Path:
-    return Path(cfg.cache_dir or os.environ.get("VAR_GRPO_CACHE") or Path.home() / ".cache" / "var_grpo")
-
-
-def _reported_sha256(response: requests.Response) -> Optional[str]:
-    """Hugging Face reports a large (LFS) file's sha256 as its X-Linked-Etag (on the redirect) or ETag."""
-    for r in [*response.history, response]:
-        for name in ("X-Linked-Etag", "ETag"):
-            tag = r.headers.get(name, "").strip().strip('"').removeprefix("W/").strip('"').lower()
-            if len(tag) == 64 and all(c in "0123456789abcdef" for c in tag):
-                return tag
-    return None
-
-
-def download(url: str, dest: Path, attempts: int = 3, timeout: float = 30.0) -> Path:
-    """Download url to dest unless dest exists. Bytes stream into dest.part, which survives an interruption
-    and is resumed with an HTTP Range request; dest appears only once the file is complete and verified."""
-    from tqdm import tqdm
-    dest = Path(dest)
-    if dest.exists():
-        return dest
-    part = dest.with_name(dest.name + ".part")
-    manual = (f"You can download it by hand (e.g. in a browser) and save it as {dest}, "
-              f"or pass its local path with --vae-ckpt / --var-ckpt / --clip-ckpt / --aesthetic-ckpt.")
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise WeightsError(f"{dest.name} is not in the cache ({dest}) and HF_HUB_OFFLINE is set, so it is not "
-                           f"downloaded from {url}. {manual}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    for attempt in range(attempts):
-        have = part.stat().st_size if part.exists() else 0
-        headers = {"Range": f"bytes={have}-"} if have else {}
-        try:
-            with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
-                expected_sha = _reported_sha256(r)
-                if r.status_code == 416:  # the .part already holds the whole file
-                    pass
-                elif r.status_code not in (200, 206):
-                    raise WeightsError(f"Downloading {url} failed: HTTP {r.status_code} {r.reason}. {manual}")
-                else:
-                    if r.status_code == 200:  # the server ignored Range: start over
-                        have = 0
-                    size = r.headers.get("Content-Length")
-                    total = have + int(size) if size is not None else None
-                    with open(part, "ab" if have else "wb") as f, tqdm(
-                            total=total, initial=have, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar:
-                        for chunk in r.iter_content(chunk_size=1 << 16):  # small reads: little is lost if cut
-                            f.write(chunk)
-                            bar.update(len(chunk))
-                    if total is not None and part.stat().st_size < total:
-                        raise requests.ConnectionError(f"connection closed at {part.stat().st_size} of {total} bytes")
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
-            if attempt == attempts - 1:
-                have = part.stat().st_size if part.exists() else 0
-                kept = (f"{have} bytes are kept in {part} and the next run resumes from there" if have else
-                        "nothing was downloaded")
-                raise WeightsError(f"Downloading {url} failed after {attempts} attempts ({e}); {kept}. {manual}") from e
-            print(f"download of {dest.name} interrupted ({e}); resuming", file=sys.stderr)
-            continue
-        if expected_sha is not None:
-            h = hashlib.sha256()
-            with open(part, "rb") as f:
-                for block in iter(lambda: f.read(1 << 24), b""):
-                    h.update(block)
-            if h.hexdigest() != expected_sha:
-                part.unlink()  # corrupt: never let it become the cached file, and don't resume from it
-                raise WeightsError(f"Downloaded {url} but its sha256 is {h.hexdigest()}, not {expected_sha} as the "
-                                   f"server reports: the file is corrupt and was deleted. Run again, or: {manual}")
-        os.replace(part, dest)
-        return dest
-    raise AssertionError("unreachable")
-
-
-def cached_name(url: str) -> str:
-    """The file name a download of url is cached under: the URL's last part, %-escapes decoded (%2B -> +)."""
-    return unquote(url.rsplit("/", 1)[-1])
-
-
-def weight_path(local: str, url: str, cfg: Config) -> Path:
-    """A user-given local file (no network needed), else the cached copy of url, downloaded if missing."""
-    if local:
-        if Path(local).is_dir():
-            raise WeightsError(f"{local} is a directory; give the path of the .pth file itself.")
-        if not Path(local).is_file():
-            raise WeightsError(f"{local} does not exist; give the path of a weight file that does.")
-        return Path(local)
-    return download(url, cache_dir(cfg) / cached_name(url))
-
-
-def read_state_dict(path: Path) -> dict:
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(f"{path} is not a PyTorch checkpoint that torch.load(weights_only=True) can read ({e}). "
-                           f"Pass an official VAR/VQVAE .pth file or one this script exported.") from e
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        keys = list(sd)[:8] if isinstance(sd, dict) else type(sd).__name__
-        raise WeightsError(f"{path} is not a plain state_dict of tensors (it holds {keys}). Pass an official "
-                           f"VAR/VQVAE .pth file or the exported var_final.pth (training checkpoints go to --resume).")
-    return sd
-
-
-def load_weights(model: nn.Module, path: Path) -> nn.Module:
-    """Load a state_dict with the official key names into a model built on the meta device (no init cost)."""
-    sd = read_state_dict(path)
-    if isinstance(model, VAR) and "class_emb.weight" in sd and sd["class_emb.weight"].shape[1] != model.C:
-        width = sd["class_emb.weight"].shape[1]
-        raise WeightsError(f"{path} looks like VAR-d{width // 64} (width {width}) but depth {model.depth} was asked "
-                           f"(width {model.C}). Pass --depth {width // 64} or the var_d{model.depth}.pth file.")
-    want = {k: v.shape for k, v in model.state_dict().items()}
-    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
-    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(want[k])}" for k in want if k in sd and sd[k].shape != want[k]]
-    if missing or unexpected or wrong:
-        what = type(model).__name__
-        raise WeightsError(f"{path} does not fit the {what} that was built: missing keys {missing[:10]}"
-                           f"{' ...' if len(missing) > 10 else ''}, unexpected keys {unexpected[:10]}"
-                           f"{' ...' if len(unexpected) > 10 else ''}, shape mismatches {wrong[:10]}. "
-                           f"Check that the file is the {what} checkpoint and that --depth matches it.")
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model.float()  # the fixtures store fp16; the official files fp32
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Tokenizer: the multi-scale residual VQ-VAE (paper sec. 3.2, Algorithms 1-2; official models/vqvae.py, basic_vae.py,
-# quant.py). Encoder and decoder are the VQGAN/LDM f16 CNN; what is new is the quantiser, which explains
-# the latent f as a sum of K token maps of growing resolution, each one quantising what the coarser ones
+# Tokenizer, step 1: the multi-scale residual VQ-VAE (VAR paper sec. 3.2, Algorithms 1-2; official models/vqvae.py,
+# basic_vae.py, quant.py). Encoder and decoder are the VQGAN/LDM f16 CNN; what is new is the quantiser, which
+# explains the latent f as a sum of K token maps of growing resolution, each one quantising what the coarser ones
 # left unexplained. Module names follow the official ones so that the checkpoint loads unchanged.
 # ----------------------------------------------------------------------------------------------------------
 
@@ -528,10 +362,10 @@ class MultiScaleQuantizer(nn.Module):
         self.patch_nums = tuple(patch_nums)
         self.embedding = nn.Embedding(vocab_size, z_channels)
         self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(patch_nums), vocab_size))  # training statistic, kept for loading
-        # K convolutions phi shared across the scales: scale k uses the one whose tick is nearest to k/(K_scales-1).
+        # n_phi convolutions phi shared across the K scales: scale si uses the one whose tick is nearest to si/(K-1).
         # The official code stores them under three key layouts depending on how many there are.
-        K = share_quant_resi or len(patch_nums)
-        phis = nn.ModuleList([Phi(z_channels, quant_resi) if abs(quant_resi) > 1e-6 else nn.Identity() for _ in range(K)])
+        n_phi = share_quant_resi or len(patch_nums)
+        phis = nn.ModuleList([Phi(z_channels, quant_resi) if abs(quant_resi) > 1e-6 else nn.Identity() for _ in range(n_phi)])
         if share_quant_resi == 0:
             self.quant_resi = phis
         else:
@@ -540,9 +374,9 @@ class MultiScaleQuantizer(nn.Module):
                 self.quant_resi.qresi = phis[0]
             else:
                 self.quant_resi.qresi_ls = phis
-        ticks = np.linspace(1 / 3 / K, 1 - 1 / 3 / K, K) if K == 4 else np.linspace(1 / 2 / K, 1 - 1 / 2 / K, K)
-        S = len(patch_nums)
-        self.phi_of_scale = [phis[int(np.argmin(np.abs(ticks - si / (S - 1))))] for si in range(S)]  # plain list: no new keys
+        ticks = np.linspace(1 / 3 / n_phi, 1 - 1 / 3 / n_phi, n_phi) if n_phi == 4 else np.linspace(1 / 2 / n_phi, 1 - 1 / 2 / n_phi, n_phi)
+        K = len(patch_nums)
+        self.phi_of_scale = [phis[int(np.argmin(np.abs(ticks - si / (K - 1))))] for si in range(K)]  # plain list: no new keys
 
     def scale_contribution(self, si: int, idx_Bl):
         """phi_si(upsample(e[r_si])): what scale si's token map adds to f_hat. (B, Cvae, H, W)"""
@@ -625,21 +459,22 @@ class VQVAE(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Transformer: VAR (paper sec. 3.2 and 4, official models/var.py, basic_var.py). A GPT-2-like decoder whose layer
-# norms are modulated by the class embedding (AdaLN), run over the 680 tokens of all scales at once. The
-# block-causal mask lets every token of scale k see all tokens of scales <= k (coarser scales plus its own
+# Transformer, step 2: VAR (VAR paper sec. 3.2 and 4, official models/var.py, basic_var.py). A GPT-2-like decoder
+# whose layer norms are modulated by the class embedding (AdaLN), run over the 680 tokens of all scales at once.
+# The block-causal mask lets every token of scale k see all tokens of scales <= k (coarser scales plus its own
 # scale's inputs), never a finer scale: scale k's tokens are predicted in parallel from everything coarser.
 # ----------------------------------------------------------------------------------------------------------
 
 class SelfAttention(nn.Module):
-    def __init__(self, C: int, num_heads: int, attn_l2_norm: bool):
+    """Cosine attention (the official attn_l2_norm=True, which every released checkpoint uses): q and k are
+    L2-normalised and q is scaled by a learned per-head temperature, capped at 100, instead of 1/sqrt(head dim)."""
+    def __init__(self, C: int, num_heads: int):
         super().__init__()
-        self.num_heads, self.head_dim, self.attn_l2_norm = num_heads, C // num_heads, attn_l2_norm
+        self.num_heads, self.head_dim = num_heads, C // num_heads
         self.mat_qkv = nn.Linear(C, 3 * C, bias=False)
         self.q_bias, self.v_bias = nn.Parameter(torch.zeros(C)), nn.Parameter(torch.zeros(C))
         self.register_buffer("zero_k_bias", torch.zeros(C))  # keys get no bias; stored in the official checkpoint
-        if attn_l2_norm:  # cosine attention with a learned per-head temperature, capped at 100
-            self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
+        self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
         self.proj = nn.Linear(C, C)
 
     def forward(self, x_BLC, attn_bias=None, kv_cache: Optional[KVCache] = None):
@@ -648,17 +483,13 @@ class SelfAttention(nn.Module):
         if isinstance(self.mat_qkv, LoRALinear):  # mat_qkv's forward is bypassed (the q/v biases live here)
             qkv = qkv + self.mat_qkv.update(x_BLC)
         q, k, v = qkv.view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, L, c)
-        if self.attn_l2_norm:
-            q = F.normalize(q, dim=-1).mul(self.scale_mul_1H11.clamp_max(math.log(100)).exp())
-            k = F.normalize(k, dim=-1)
-            scale = 1.0
-        else:
-            scale = 0.25 / math.sqrt(self.head_dim)
+        q = F.normalize(q, dim=-1).mul(self.scale_mul_1H11.clamp_max(math.log(100)).exp())
+        k = F.normalize(k, dim=-1)
         if kv_cache is not None:  # sampling: scale k attends to the cached keys/values of scales < k, and its own
             k, v = kv_cache.write(k, v)
         if attn_bias is not None:
             attn_bias = attn_bias.to(v.dtype)
-        out_BHLc = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v, attn_mask=attn_bias, scale=scale)
+        out_BHLc = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v, attn_mask=attn_bias, scale=1.0)
         return self.proj(out_BHLc.transpose(1, 2).reshape(B, L, C))
 
 
@@ -689,19 +520,16 @@ class FFN(nn.Module):
 class AdaLNBlock(nn.Module):
     """x += gamma1 * attn(LN(x)(1 + scale1) + shift1);  x += gamma2 * ffn(LN(x)(1 + scale2) + shift2), with the six
     modulation vectors computed from the class embedding (official AdaLNSelfAttn)."""
-    def __init__(self, C: int, num_heads: int, mlp_ratio: float, norm_eps: float, attn_l2_norm: bool, shared_aln: bool):
+    def __init__(self, C: int, num_heads: int, mlp_ratio: float, norm_eps: float):
         super().__init__()
         self.C = C
-        self.attn = SelfAttention(C, num_heads, attn_l2_norm)
+        self.attn = SelfAttention(C, num_heads)
         self.ffn = FFN(C, round(C * mlp_ratio))
         self.ln_wo_grad = nn.LayerNorm(C, eps=norm_eps, elementwise_affine=False)
-        if shared_aln:  # one modulation MLP for all blocks (VAR.shared_ada_lin) plus a per-block offset
-            self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, C) / C ** 0.5)
-        else:
-            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
 
-    def forward(self, x_BLC, cond_BD, attn_bias=None, kv_cache=None):
-        mod = self.ada_gss + cond_BD if hasattr(self, "ada_gss") else self.ada_lin(cond_BD).view(-1, 1, 6, self.C)
+    def forward(self, x_BLC, cond_BC, attn_bias=None, kv_cache=None):
+        mod = self.ada_lin(cond_BC).view(-1, 1, 6, self.C)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mod.unbind(2)  # each (B, 1, C)
         x_BLC = x_BLC + self.attn(self.ln_wo_grad(x_BLC).mul(scale1.add(1)).add_(shift1), attn_bias, kv_cache).mul_(gamma1)
         return x_BLC + self.ffn(self.ln_wo_grad(x_BLC).mul(scale2.add(1)).add_(shift2)).mul(gamma2)
@@ -714,8 +542,8 @@ class AdaLNBeforeHead(nn.Module):
         self.ln_wo_grad = nn.LayerNorm(C, eps=norm_eps, elementwise_affine=False)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))
 
-    def forward(self, x_BLC, cond_BD):
-        scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
+    def forward(self, x_BLC, cond_BC):
+        scale, shift = self.ada_lin(cond_BC).view(-1, 1, 2, self.C).unbind(2)
         return self.ln_wo_grad(x_BLC).mul(scale.add(1)).add_(shift)
 
 
@@ -724,6 +552,8 @@ class VAR(nn.Module):
                  patch_nums=OFFICIAL_ARCH["patch_nums"], num_classes=1000, attn_l2_norm=True, shared_aln=False,
                  norm_eps=1e-6, mlp_ratio=4.0):
         super().__init__()
+        if not attn_l2_norm or shared_aln:  # the official code's other options; no released checkpoint uses them
+            raise NotImplementedError("VAR here supports attn_l2_norm=True, shared_aln=False, as every official checkpoint")
         C = embed_dim
         self.depth, self.C, self.V, self.num_classes = depth, C, vocab_size, num_classes
         self.patch_nums = tuple(patch_nums)
@@ -737,8 +567,7 @@ class VAR(nn.Module):
         self.pos_start = nn.Parameter(torch.empty(1, self.first_l, C).normal_(0, init_std))  # the first scale's input
         self.pos_1LC = nn.Parameter(torch.empty(1, self.L, C).normal_(0, init_std))          # absolute positions
         self.lvl_embed = nn.Embedding(len(patch_nums), C)                                   # which scale a token is in
-        self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C)) if shared_aln else nn.Identity()
-        self.blocks = nn.ModuleList([AdaLNBlock(C, num_heads, mlp_ratio, norm_eps, attn_l2_norm, shared_aln) for _ in range(depth)])
+        self.blocks = nn.ModuleList([AdaLNBlock(C, num_heads, mlp_ratio, norm_eps) for _ in range(depth)])
         self.head_nm = AdaLNBeforeHead(C, norm_eps)
         self.head = nn.Linear(C, vocab_size)
         self.grad_checkpointing = False
@@ -751,39 +580,33 @@ class VAR(nn.Module):
         self.register_buffer("attn_bias_for_masking", torch.where(
             lvl_L.view(-1, 1) >= lvl_L.view(1, -1), 0.0, -torch.inf).view(1, 1, self.L, self.L))
 
-    def block_cond(self, cond_BD):
-        """What the blocks are modulated with: the class embedding, or its shared 6C projection (shared_aln)."""
-        return cond_BD if isinstance(self.shared_ada_lin, nn.Identity) else self.shared_ada_lin(cond_BD).view(-1, 1, 6, self.C)
+    def logits(self, h_BLC, cond_BC):
+        return self.head(self.head_nm(h_BLC.float(), cond_BC).float()).float()
 
-    def logits(self, h_BLC, cond_BD):
-        return self.head(self.head_nm(h_BLC.float(), cond_BD).float()).float()
-
-    def scale_logits(self, x_2BlC, cond_2BD, kv_caches: List[KVCache], si: int):
+    def scale_logits(self, x_2BlC, cond_2BC, kv_caches: List[KVCache], si: int):
         """Sampling: the logits of scale si's tokens from their inputs; the coarser scales' keys and values come from
         kv_caches, and this scale's are added to them. (2B, pn*pn, V)"""
-        block_cond = self.block_cond(cond_2BD)
         h_2BlC = x_2BlC
         for block, cache in zip(self.blocks, kv_caches):
             cache.start = self.scale_ends[si - 1] if si else 0
-            h_2BlC = block(h_2BlC, block_cond, None, cache)
-        return self.logits(h_2BlC, cond_2BD)
+            h_2BlC = block(h_2BlC, cond_2BC, None, cache)
+        return self.logits(h_2BlC, cond_2BC)
 
-    def forward(self, label_B, x_BLCv):
-        """Teacher-forced logits of all L tokens. x_BLCv: (B, L-1, Cvae) from tokens_to_var_input. -> (B, L, V)
+    def forward(self, label_B, x_BMCv):
+        """Teacher-forced logits of all L tokens. x_BMCv: (B, L-1, Cvae) from tokens_to_var_input. -> (B, L, V)
         Unlike the official forward, no label is dropped to the null class here: dropout belongs to pretraining."""
         B = label_B.shape[0]
         with torch.autocast(label_B.device.type, enabled=False):  # embeddings in fp32, as in the sampler
-            cond_BD = self.class_emb(label_B)
-            sos_BlC = cond_BD.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, -1, -1)
-            x_BLC = torch.cat((sos_BlC, self.word_embed(x_BLCv.float())), dim=1)
+            cond_BC = self.class_emb(label_B)
+            sos_BlC = cond_BC.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, -1, -1)
+            x_BLC = torch.cat((sos_BlC, self.word_embed(x_BMCv.float())), dim=1)
             x_BLC = x_BLC + (self.lvl_embed(self.lvl_1L.expand(B, -1)) + self.pos_1LC)
-        block_cond = self.block_cond(cond_BD)
         for block in self.compiled_blocks or self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x_BLC = torch.utils.checkpoint.checkpoint(block, x_BLC, block_cond, self.attn_bias_for_masking, use_reentrant=False)
+                x_BLC = torch.utils.checkpoint.checkpoint(block, x_BLC, cond_BC, self.attn_bias_for_masking, use_reentrant=False)
             else:
-                x_BLC = block(x_BLC, block_cond, self.attn_bias_for_masking)
-        return self.logits(x_BLC, cond_BD)
+                x_BLC = block(x_BLC, cond_BC, self.attn_bias_for_masking)
+        return self.logits(x_BLC, cond_BC)
 
 
 def build_var(arch: dict, depth: int) -> VAR:
@@ -798,38 +621,9 @@ def build_vae(arch: dict) -> VQVAE:
     return VQVAE(**{k: arch[k] for k in keys}, **{k: arch[k] for k in shape if k in arch})
 
 
-def load_models(cfg: Config, device: torch.device):
-    """(vae, var): the official weights for --depth, or the pretrained toy world's for --tiny."""
-    if cfg.tiny:
-        with torch.device("meta"):
-            vae, var = build_vae(TOY_ARCH), build_var(TOY_ARCH, TOY_DEPTH)
-        return load_toy(vae, "vae.pth", cfg.vae_ckpt).to(device), load_toy(var, "var.pth", cfg.var_ckpt).to(device)
-    vae_path = weight_path(cfg.vae_ckpt, VAR_URL + VAE_FILE, cfg)
-    var_path = weight_path(cfg.var_ckpt, VAR_URL + f"var_d{cfg.depth}.pth", cfg)
-    with torch.device("meta"):  # no random init of 300M+ parameters only to overwrite them
-        vae, var = build_vae(OFFICIAL_ARCH), build_var(OFFICIAL_ARCH, cfg.depth)
-    return load_weights(vae, vae_path).to(device), load_weights(var, var_path).to(device)
-
-
-TOY_DIR = Path(__file__).resolve().parent / "notebooks" / "toy"
-
-
-def load_toy(model: nn.Module, name: str, local: str = "") -> nn.Module:
-    """The toy world's weights (shipped in notebooks/toy/, or a local file), with the way to rebuild them on error."""
-    path = Path(local) if local else TOY_DIR / name
-    try:
-        if not path.is_file():
-            raise WeightsError(f"{path} does not exist.")
-        return load_weights(model, path)
-    except WeightsError as e:
-        raise WeightsError(f"{e}\nThe toy world's weights ship with the repository in {TOY_DIR}: restore them with "
-                           f"`git checkout -- notebooks/toy`, or rebuild them from scratch with "
-                           f"`python notebooks/toy_world.py` (about 12 minutes on 2 CPU cores).") from None
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Sampling (official autoregressive_infer_cfg): one forward pass per scale, 10 at 256 px. Each pass feeds only
-# the new scale's tokens; the keys/values of coarser scales come from the KV cache, which is what makes the
+# Sampling, step 3 (official autoregressive_infer_cfg): one forward pass per scale, 10 at 256 px. Each pass feeds
+# only the new scale's tokens; the keys/values of coarser scales come from the KV cache, which is what makes the
 # block-causal mask unnecessary here. Conditional and null-class halves run as one batch of 2B for CFG.
 # ----------------------------------------------------------------------------------------------------------
 
@@ -867,21 +661,21 @@ def sample(var: VAR, vae: VQVAE, label_B, cfg: float = 1.5, temperature: float =
            top_p: float = 0.0, generator: Optional[torch.Generator] = None, return_logprobs: bool = False) -> Sample:
     """Draw B images of classes label_B; with return_logprobs also each token's exact log-probability."""
     B, device = label_B.shape[0], label_B.device
-    quant, S = vae.quantize, len(var.patch_nums)
-    ramp = cfg_ramp(cfg, S)
-    cond_2BD = var.class_emb(torch.cat((label_B, torch.full_like(label_B, var.num_classes))))
+    quant, K = vae.quantize, len(var.patch_nums)
+    ramp = cfg_ramp(cfg, K)
+    cond_2BC = var.class_emb(torch.cat((label_B, torch.full_like(label_B, var.num_classes))))
     graphs = scale_graphs(var, 2 * B) if device.type == "cuda" else None
     lvl_pos_1LC = var.lvl_embed(var.lvl_1L) + var.pos_1LC
-    x_2BlC = cond_2BD.unsqueeze(1) + var.pos_start + lvl_pos_1LC[:, :var.first_l]
+    x_2BlC = cond_2BC.unsqueeze(1) + var.pos_start + lvl_pos_1LC[:, :var.first_l]
     f_hat_BChw = torch.zeros(B, quant.embedding.embedding_dim, var.patch_nums[-1], var.patch_nums[-1], device=device)
     kv_caches = [KVCache(var.L) for _ in var.blocks]
     tokens, logprobs = [], []
     for si, pn in enumerate(var.patch_nums):
         if graphs is not None:
-            logits_2BlV = graphs.replay(si, x_2BlC, cond_2BD)
+            logits_2BlV = graphs.replay(si, x_2BlC, cond_2BC)
         else:
             with autocast(device):
-                logits_2BlV = var.scale_logits(x_2BlC, cond_2BD, kv_caches, si)
+                logits_2BlV = var.scale_logits(x_2BlC, cond_2BC, kv_caches, si)
         t = ramp[si]
         logits_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
         if temperature != 1.0:
@@ -892,57 +686,13 @@ def sample(var: VAR, vae: VQVAE, label_B, cfg: float = 1.5, temperature: float =
             logprobs.append(logits_BlV.log_softmax(dim=-1).gather(-1, idx_Bl.unsqueeze(-1)).squeeze(-1))
         tokens.append(idx_Bl)
         quant.add_scale(f_hat_BChw, si, idx_Bl)
-        if si < S - 1:
+        if si < K - 1:
             end = var.scale_ends[si]
             x_BlC = var.word_embed(quant.next_scale_input(f_hat_BChw, si)) + lvl_pos_1LC[:, end:end + var.patch_nums[si + 1] ** 2]
             x_2BlC = x_BlC.repeat(2, 1, 1)
     with autocast(device):  # a few images at a time: the decoder's full-resolution activations dominate memory
         image = torch.cat([vae.fhat_to_img(f).float() for f in f_hat_BChw.split(DECODE_BATCH)]).add_(1).mul_(0.5)
     return Sample(tokens, image, torch.cat(logprobs, dim=1) if return_logprobs else None)
-
-
-class ScaleGraphs:
-    """--compile on a GPU: each scale's pass through the blocks and the head, captured once as a CUDA graph for one
-    batch size and replayed at every rollout. Otherwise sampling is bound by kernel launches (10 scales x depth blocks
-    x ~30 small kernels: 32 images take about as long as 2). Inputs are copied into the graphs' fixed buffers; the
-    weights are read where they live, so optimizer steps (in place) are seen by the next replay."""
-    def __init__(self, var: VAR, B2: int, device: torch.device):
-        self.cond_2BD = torch.zeros(B2, var.C, device=device)
-        self.x_2BlC = [torch.zeros(B2, pn * pn, var.C, device=device) for pn in var.patch_nums]
-        self.kv_caches = [KVCache(var.L) for _ in var.blocks]  # held here: the graphs write into these buffers
-
-        def run(si):  # autocast's weight cache must be off under capture: every replay casts the current weights
-            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-                return var.scale_logits(self.x_2BlC[si], self.cond_2BD, self.kv_caches, si)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # one eager pass first, as CUDA graph capture requires
-            for si in range(len(var.patch_nums)):
-                run(si)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graphs, self.logits_2BlV, pool = [], [], torch.cuda.graph_pool_handle()
-        for si in range(len(var.patch_nums)):
-            self.graphs.append(torch.cuda.CUDAGraph())
-            with torch.cuda.graph(self.graphs[-1], pool=pool):
-                self.logits_2BlV.append(run(si))
-
-    def replay(self, si: int, x_2BlC, cond_2BD):
-        if si == 0:
-            self.cond_2BD.copy_(cond_2BD)
-        self.x_2BlC[si].copy_(x_2BlC)
-        self.graphs[si].replay()
-        return self.logits_2BlV[si]
-
-
-def scale_graphs(var: VAR, B2: int) -> Optional[ScaleGraphs]:
-    """var's CUDA graphs for 2B sequences, captured on first use, if --compile set up that batch size (the rollout's
-    only: each set holds its KV cache for good); None, i.e. sample eagerly, otherwise or with LoRA adapters off."""
-    if var.sampler_graphs is None or B2 not in var.sampler_graphs or any(
-            not m.adapters_on for m in var.modules() if isinstance(m, LoRALinear)):
-        return None
-    if var.sampler_graphs[B2] is None:
-        var.sampler_graphs[B2] = ScaleGraphs(var, B2, var.pos_1LC.device)
-    return var.sampler_graphs[B2]
 
 
 def sample_in_chunks(var: VAR, vae: VQVAE, label_B, chunk: int, *args, **kwargs) -> Sample:
@@ -957,7 +707,7 @@ def sample_in_chunks(var: VAR, vae: VQVAE, label_B, chunk: int, *args, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Rewards. A reward maps a batch of images in [0, 1] to one number per image. The text prompt enters the
+# Rewards, step 5. A reward maps a batch of images in [0, 1] to one number per image. The text prompt enters the
 # method only here: VAR stays a class-conditional model and learns to make its classes look like the prompt.
 #   clip       cos(E_img(x), E_txt(prompt)), the raw cosine in [-1, 1] (no x100 "CLIP score" scaling).
 #              OpenAI CLIP ViT-L/14 (Radford et al. 2021) via open_clip; weights from the Hugging Face repo
@@ -973,11 +723,6 @@ def sample_in_chunks(var: VAR, vae: VQVAE, label_B, chunk: int, *args, **kwargs)
 # 0.05 a full aesthetic point is worth a CLIP gain of 0.05: the prompt leads, aesthetics keep images clean.
 # ----------------------------------------------------------------------------------------------------------
 
-CLIP_URL = "https://huggingface.co/timm/vit_large_patch14_clip_224.openai/resolve/main/"
-CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-DEFAULT_CLIP = "ViT-L-14-quickgelu"
-AESTHETIC_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
-                 "sac%2Blogos%2Bava1-l14-linearMSE.pth")
 REWARD_NAMES = ("clip", "aesthetic", "redness", "area")
 # A tiny random CLIP for --tiny and the tests: 32 px images, 2 layers per tower, 768-d embeddings like ViT-L/14.
 TINY_CLIP = "var-grpo-tiny-clip"
@@ -1075,15 +820,6 @@ class ShapeJudge(nn.Module):
         return self.net(shape_mask(images_B3HW) * 2 - 1)
 
 
-def load_judge(cfg: Config, device: torch.device) -> Optional[nn.Module]:
-    """The toy world's ShapeJudge for --tiny (class accuracy of samples); None at full size (no ImageNet judge)."""
-    if not cfg.tiny:
-        return None
-    with torch.device("meta"):
-        judge = ShapeJudge(TOY_ARCH["num_classes"])
-    return load_toy(judge, "judge.pth").to(device).eval().requires_grad_(False)
-
-
 class Reward(nn.Module):
     """r(x) = sum_j w_j R_j(x). Call it on images (B, 3, H, W) in [0, 1]; it returns the total (B,), each
     component (B,), and the features (B, D) the diversity is measured on (CLIP image embeddings when CLIP ran)."""
@@ -1118,70 +854,46 @@ class Reward(nn.Module):
         return total_B, parts, features_BD
 
 
-def register_tiny_clip() -> str:
-    """Write TINY_CLIP_CONFIG where open_clip looks for model configs; returns its model name."""
-    import tempfile, open_clip
-    d = Path(tempfile.gettempdir()) / "var_grpo_clip_configs"
-    d.mkdir(exist_ok=True)
-    (d / f"{TINY_CLIP}.json").write_text(json.dumps(TINY_CLIP_CONFIG))
-    open_clip.add_model_config(d)
-    return TINY_CLIP
-
-
-def clip_weights(cfg: Config) -> str:
-    """What open_clip's `pretrained` gets: --clip-ckpt (a file or a tag), else the OpenAI ViT-L/14 from the cache."""
-    if cfg.clip_ckpt:
-        return cfg.clip_ckpt
-    if cfg.clip_model != DEFAULT_CLIP:
-        raise WeightsError(f"--clip-model {cfg.clip_model} needs --clip-ckpt: a local weight file or an open_clip "
-                           f"pretrained tag (python -c 'import open_clip; print(open_clip.list_pretrained())').")
-    for i, name in enumerate(CLIP_FILES):  # prefer safetensors, fall back to the pickled file
-        try:
-            return str(download(CLIP_URL + name, cache_dir(cfg) / "clip-vit-l-14-openai" / name))
-        except WeightsError:
-            if i == len(CLIP_FILES) - 1:
-                raise
-
-
-def build_reward(cfg: Config, device: torch.device, random_weights: bool = False) -> Reward:
+def build_reward(args: Config, device: torch.device, random_weights: bool = False) -> Reward:
     """The reward of --reward, with real CLIP / aesthetic weights, or random ones: a tiny CLIP under --tiny, the
     --clip-model architecture with random_weights (--bench: no download)."""
-    weights = parse_reward_spec(cfg.reward)
+    weights = parse_reward_spec(args.reward)
     clip_model = text_emb_D = aesthetic = None
     if "clip" in weights or "aesthetic" in weights:
         import open_clip
-        if "clip" in weights and not cfg.prompt.strip():
+        if "clip" in weights and not args.prompt.strip():
             raise ValueError("--prompt is empty but the clip reward needs a text to compare the images with")
-        name = register_tiny_clip() if cfg.tiny else cfg.clip_model
-        pretrained = None if cfg.tiny or random_weights else clip_weights(cfg)
+        name = register_tiny_clip() if args.tiny else args.clip_model
+        pretrained = None if args.tiny or random_weights else clip_weights(args)
         clip_model = open_clip.create_model(name, pretrained=pretrained, device=device).eval()
         clip_model.requires_grad_(False)
         tokenizer = open_clip.get_tokenizer(name)
-        n_tokens = len(tokenizer.encode(cfg.prompt)) + 2  # + start and end of text
+        n_tokens = len(tokenizer.encode(args.prompt)) + 2  # + start and end of text
         if n_tokens > tokenizer.context_length:
             print(f"warning: the prompt has {n_tokens} CLIP tokens; CLIP reads only the first {tokenizer.context_length}, "
                   f"the rest is cut", file=sys.stderr)
         with torch.no_grad():
-            text_emb_D = F.normalize(clip_model.encode_text(tokenizer([cfg.prompt]).to(device)).float(), dim=-1)[0]
+            text_emb_D = F.normalize(clip_model.encode_text(tokenizer([args.prompt]).to(device)).float(), dim=-1)[0]
         if "aesthetic" in weights:
             dim = text_emb_D.shape[0]
             if dim != 768:
                 raise ValueError(f"the aesthetic reward reads 768-d ViT-L/14 image embeddings, but {name} gives {dim}-d; "
                                  f"use --clip-model ViT-L-14-quickgelu or drop aesthetic from --reward")
-            if cfg.tiny or random_weights:
+            if args.tiny or random_weights:
                 aesthetic = AestheticHead()
             else:
                 with torch.device("meta"):
                     aesthetic = AestheticHead()
-                aesthetic = load_weights(aesthetic, weight_path(cfg.aesthetic_ckpt, AESTHETIC_URL, cfg))
+                aesthetic = load_weights(aesthetic, weight_path(args.aesthetic_ckpt, AESTHETIC_URL, args))
             aesthetic = aesthetic.to(device).eval().requires_grad_(False)
     return Reward(weights, clip_model, text_emb_D, aesthetic).to(device)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# GRPO (docstring steps 4-8). The policy's probability of a sampled image is the product over its 680 tokens
-# of the guided, temperature-scaled token distributions the sampler drew from; the teacher-forced pass below
-# recomputes exactly those distributions (both CFG branches, same ramp) with gradients, in one forward pass.
+# GRPO, steps 6-7: advantages within groups, and the clipped surrogate with the KL penalty per token. The policy's
+# probability of a sampled image is the product over its 680 tokens of the guided, temperature-scaled token
+# distributions the sampler drew from; token_logprobs recomputes exactly those distributions (both CFG branches,
+# same ramp) with gradients, in one teacher-forced pass.
 # ----------------------------------------------------------------------------------------------------------
 
 def group_advantages(reward_B, group_size: int, eps: float, norm: str = "group"):
@@ -1202,13 +914,13 @@ def token_logprobs(var: VAR, vae: VQVAE, label_B, tokens: List[torch.Tensor], cf
     With entropy=True also the entropy of each of those distributions, without gradient: ((B, L), (B, L))."""
     B, device = label_B.shape[0], label_B.device
     with torch.no_grad():
-        x_BLCv = vae.quantize.tokens_to_var_input(tokens)
+        x_BMCv = vae.quantize.tokens_to_var_input(tokens)
     tokens_BL = torch.cat(tokens, dim=1)
     with autocast(device):
         if cfg == 0:  # no guidance: the null-class branch would be multiplied by 0, so don't compute it
-            logits_BLV = var(label_B, x_BLCv)
+            logits_BLV = var(label_B, x_BMCv)
         else:
-            logits_2BLV = var(torch.cat((label_B, torch.full_like(label_B, var.num_classes))), x_BLCv.repeat(2, 1, 1))
+            logits_2BLV = var(torch.cat((label_B, torch.full_like(label_B, var.num_classes))), x_BMCv.repeat(2, 1, 1))
             ramp = cfg_ramp(cfg, len(var.patch_nums))
             lvl_L = var.lvl_1L[0]
             w_cond_L1 = torch.tensor([1 + t for t in ramp], device=device)[lvl_L].unsqueeze(-1)  # same fp32 rounding
@@ -1256,10 +968,10 @@ def grpo_loss(logp_BL, old_logp_BL, adv_B, ref_logp_BL: Optional[torch.Tensor], 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# What is trained. Full fine-tuning (default) trains every weight of VAR and keeps a frozen copy of the starting
-# model as pi_ref. LoRA (Hu et al. 2021; --lora-rank r) trains a low-rank update of each block's attention and MLP
-# linears instead: the base stays frozen (bf16 on a GPU, half the memory), pi_ref is the same model with the
-# adapters switched off (no copy at all), and the adapters merge back into plain weights at the end.
+# What is trained, step 8. Full fine-tuning (default) trains every weight of VAR and keeps a frozen copy of the
+# starting model as pi_ref. LoRA (Hu et al. 2021; --lora-rank r) trains a low-rank update of each block's attention
+# and MLP linears instead: the base stays frozen (bf16 on a GPU, half the memory), pi_ref is the same model with
+# the adapters switched off (no copy at all), and the adapters merge back into plain weights at the end.
 # ----------------------------------------------------------------------------------------------------------
 
 class LoRALinear(nn.Module):
@@ -1316,46 +1028,523 @@ def starting_policy(var: VAR, ref: Optional[VAR]):
             m.adapters_on = True
 
 
-def setup_policy(cfg: Config, var: VAR, device: torch.device):
+def setup_policy(args: Config, var: VAR, device: torch.device):
     """(ref, optimizer) for var: LoRA adapters or a frozen reference copy, --compile, AdamW on what is trained."""
     ref = None
-    if cfg.lora_rank > 0:
-        add_lora(var, cfg.lora_rank)
+    if args.lora_rank > 0:
+        add_lora(var, args.lora_rank)
         if device.type == "cuda":
             frozen_linears_to_bf16(var)
-    elif cfg.beta > 0:  # frozen copy of the starting policy for the KL penalty
+    elif args.beta > 0:  # frozen copy of the starting policy for the KL penalty
         ref = copy.deepcopy(var).requires_grad_(False).eval()
         if device.type == "cuda":
             frozen_linears_to_bf16(ref)
-    var.grad_checkpointing = cfg.grad_checkpointing
-    if cfg.compile and device.type == "cuda":  # compiled on the first update; sampler graphs on the first rollout
+    var.grad_checkpointing = args.grad_checkpointing
+    if args.compile and device.type == "cuda":  # compiled on the first update; sampler graphs on the first rollout
         import torch._inductor.config as inductor_config
         # round to bf16 where eager autocast does: otherwise the compiled pass's log-probs drift from the sampler's
         inductor_config.emulate_precision_casts = True
         for model in filter(None, (var, ref)):
             model.compiled_blocks = [torch.compile(block) for block in model.blocks]
-        var.sampler_graphs = {2 * (cfg.sample_batch or cfg.classes_per_step * cfg.group_size): None}
+        var.sampler_graphs = {2 * (args.sample_batch or args.classes_per_step * args.group_size): None}
     trained = [p for p in var.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     return ref, opt
 
 
-def trained_state_dict(var: VAR, cfg: Config) -> dict:
+def trained_state_dict(var: VAR, args: Config) -> dict:
     """What a checkpoint must hold to resume: the whole model, or with LoRA only the adapters (the base is on disk)."""
     sd = var.state_dict()
-    return sd if cfg.lora_rank == 0 else {k: v for k, v in sd.items() if ".lora_" in k}
+    return sd if args.lora_rank == 0 else {k: v for k, v in sd.items() if ".lora_" in k}
 
 
-def export_state_dict(var: VAR, cfg: Config) -> dict:
+def export_state_dict(var: VAR, args: Config) -> dict:
     """var's weights as a plain state_dict with the official key names. LoRA: W + B A merged onto the fp32 base
     weights read again from disk (a GPU held them in bf16), adapter keys dropped."""
-    if cfg.lora_rank == 0:
+    if args.lora_rank == 0:
         return var.state_dict()
-    merged = load_models(cfg, torch.device("cpu"))[1].state_dict()
+    merged = load_models(args, torch.device("cpu"))[1].state_dict()
     for name, m in var.named_modules():
         if isinstance(m, LoRALinear):
             merged[name + ".weight"] += (m.lora_B.detach().float() @ m.lora_A.detach().float()).cpu()
     return merged
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The training loop, steps 4-8 once per iteration: rollout, reward, advantages, updates, log. grpo_step is one
+# iteration; train checks everything and run_grpo loops. Evaluation grids and the end-of-run comparison measure
+# what changed.
+# ----------------------------------------------------------------------------------------------------------
+
+def grpo_step(var: VAR, ref: Optional[VAR], vae: VQVAE, reward_fn, opt, label_B, args: Config, gens: dict,
+              weight_L: Optional[torch.Tensor]) -> dict:
+    """One GRPO step (docstring steps 4-8) on P groups of G images, label_B = the P classes, each repeated G times.
+    Returns the step's log record: rewards, advantages, loss terms, ratios, timings and peak memory per phase."""
+    device, n_images = label_B.device, len(label_B)
+    mb_size = n_images // args.minibatches
+    peak_gb = {}
+
+    def end_of_phase(name: str) -> float:  # wait for the GPU, so that each phase is timed and measured on its own
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            peak_gb[name] = torch.cuda.max_memory_allocated(device) / 2**30
+            torch.cuda.reset_peak_memory_stats(device)
+        return time.perf_counter()
+
+    end_of_phase("before")
+    t0 = time.perf_counter()
+    # 4. rollout: P classes x G images from the current policy, with each token's log-prob
+    var.eval()
+    roll = sample_in_chunks(var, vae, label_B, args.sample_batch, args.cfg, args.temperature, 0, 0.0, gens["sample"],
+                            return_logprobs=True)
+    t1 = end_of_phase("sample")
+    # 5. reward, 6. group-relative advantages
+    reward_B, parts, features_BD = reward_fn(roll.image)
+    adv_B = group_advantages(reward_B, args.group_size, args.adv_eps, args.adv_norm)
+    t2 = end_of_phase("reward")
+
+    # 7. log pi_ref for the KL term (and, with --old-logprobs recompute, log pi_old): once per step, no gradient
+    def no_grad_logprobs(model):
+        with torch.no_grad():
+            return torch.cat([token_logprobs(model, vae, label_B[i:i + args.micro_batch],
+                                             [t[i:i + args.micro_batch] for t in roll.tokens], args.cfg, args.temperature)
+                              for i in range(0, n_images, args.micro_batch)])
+    ref_logp_BL = None
+    if args.beta > 0:
+        with starting_policy(var, ref) as start:
+            ref_logp_BL = no_grad_logprobs(start)
+    old_logp_BL = no_grad_logprobs(var) if args.old_logprobs == "recompute" else roll.logprob
+    # 8. clipped policy-gradient updates over minibatches, accumulating micro-batches
+    var.train()
+    trained = [p for g in opt.param_groups for p in g["params"]]
+    mb_stats, grad_norms, gap_BL = [], [], None  # mb_stats: one list of micro-batch stats per minibatch
+    for _ in range(args.inner_epochs):
+        order = torch.randperm(n_images, generator=gens["shuffle"]).to(device)
+        for mb in order.view(args.minibatches, mb_size):
+            opt.zero_grad(set_to_none=True)
+            mb_stats.append([])
+            for idx in mb.view(-1, args.micro_batch):
+                logp_BL, entropy_BL = token_logprobs(var, vae, label_B[idx], [t[idx] for t in roll.tokens],
+                                                     args.cfg, args.temperature, entropy=True)
+                if gap_BL is None:  # before the step's first update: the sampler-vs-trainer gap
+                    gap_BL = (logp_BL.detach() - old_logp_BL[idx]).abs()
+                loss, stats = grpo_loss(logp_BL, old_logp_BL[idx], adv_B[idx],
+                                        None if ref_logp_BL is None else ref_logp_BL[idx], args.clip_eps, args.beta, weight_L)
+                (loss * (len(idx) / mb_size)).backward()  # the minibatch's loss is the mean over its images
+                mb_stats[-1].append(dict(stats, entropy=entropy_BL.mean().item()))
+            grad_norms.append(torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm).item())
+            if not math.isfinite(grad_norms[-1]):  # stepping would write NaN into every weight
+                raise FloatingPointError(f"the gradient norm is {grad_norms[-1]}, so this update was not applied; "
+                                         f"lower --lr (now {args.lr}) or raise --beta")
+            opt.step()
+    t3 = end_of_phase("update")
+    # the log record, one metric a line (README: what each one tells)
+    every, first = [s for stats in mb_stats for s in stats], mb_stats[0]  # the first minibatch: no update yet
+    later = [s for stats in mb_stats[1:] for s in stats]
+    mean = lambda key, stats=every: float(np.mean([s[key] for s in stats])) if stats else None
+    rec = dict(
+        reward_mean=reward_B.mean().item(),
+        reward_std=reward_B.std().item(),
+        **{f"{name}_{stat}": getattr(r_B, stat)().item() for name, r_B in parts.items() for stat in ("mean", "std")},
+        adv_abs_mean=adv_B.abs().mean().item(),
+        adv_max=adv_B.max().item(),
+        adv_min=adv_B.min().item(),
+        zero_adv_groups=(adv_B.view(-1, args.group_size) == 0).all(1).float().mean().item(),
+        policy_loss=mean("policy_loss"),
+        kl_loss=mean("kl_loss"),
+        kl=mean("kl"),
+        approx_kl=mean("approx_kl"),
+        ratio_mean=mean("ratio_mean"),
+        clip_frac=mean("clip_frac"),
+        ratio_first=mean("ratio_mean", first),
+        clip_frac_first=mean("clip_frac", first),
+        ratio_later=mean("ratio_mean", later),
+        clip_frac_later=mean("clip_frac", later),
+        logprob_gap_max=gap_BL.max().item(),
+        logprob_gap_mean=gap_BL.mean().item(),
+        entropy=mean("entropy"),
+        grad_norm=float(np.mean(grad_norms)),
+        diversity=group_diversity(features_BD, args.group_size),
+        time_sample=t1 - t0,
+        time_reward=t2 - t1,
+        time_update=t3 - t2,
+        images_per_s=n_images / (t3 - t0),
+        peak_gpu_mem_gb=max(peak_gb.values()) if peak_gb else None,
+        **{f"peak_gpu_mem_gb_{phase}": peak_gb.get(phase) for phase in ("sample", "reward", "update")})
+    rec["kl_share"] = rec["kl_loss"] / (abs(rec["policy_loss"]) + rec["kl_loss"]) if rec["kl_loss"] > 0 else 0.0
+    return rec
+
+
+def evaluate(var, vae, reward_fn, args: Config, device, eval_labels, path: Path) -> float:
+    """Images at fixed (class, seed) pairs, the same at every evaluation, saved as a grid; returns their mean reward."""
+    var.eval()
+    gen = torch.Generator(device).manual_seed(args.seed + 10_000)
+    guidance = args.cfg if args.eval_cfg < 0 else args.eval_cfg
+    s = sample_in_chunks(var, vae, eval_labels, args.sample_batch, guidance, args.temperature, args.eval_top_k,
+                         args.eval_top_p, gen)
+    save_grid(s.image, path)
+    return reward_fn(s.image)[0].mean().item()
+
+
+@torch.no_grad()
+def compare_policies(var: VAR, ref: Optional[VAR], vae, reward_fn, judge, pool, args: Config, device) -> dict:
+    """Did the policy change, or did the training batches get lucky? Fresh samples of the starting policy (ref, or
+    var with its adapters off) and of the final one, with the same classes and seeds, drawn as in training (guidance,
+    temperature, no top-k); their mean reward with the standard error of the difference, and (toy world) the judge's
+    class accuracy."""
+    n, chunk = args.summary_samples, args.sample_batch or args.classes_per_step * args.group_size  # known to fit
+    labels = pool[torch.arange(n) % len(pool)].to(device)
+    result = {}
+    for name in ("start", "end"):
+        with starting_policy(var, ref) if name == "start" else nullcontext(var) as policy:
+            policy.eval()
+            gen = torch.Generator(device).manual_seed(args.seed + 20_000)
+            rewards, hits = [], []
+            for i in range(0, n, chunk):
+                images = sample(policy, vae, labels[i:i + chunk], args.cfg, args.temperature, generator=gen).image
+                rewards.append(reward_fn(images)[0])
+                if judge is not None:
+                    hits.append(judge(images).argmax(-1) == labels[i:i + chunk])
+        r = torch.cat(rewards)
+        result[f"reward_{name}"], result[f"reward_var_{name}"] = r.mean().item(), r.var().item()
+        result[f"class_accuracy_{name}"] = torch.cat(hits).float().mean().item() if hits else None
+    se = math.sqrt((result.pop("reward_var_start") + result.pop("reward_var_end")) / n)
+    result.update(reward_se=se, reward_gain_in_se=(result["reward_end"] - result["reward_start"]) / se if se > 0 else None,
+                  samples=n)
+    accuracy = "" if judge is None else (f"; class accuracy {result['class_accuracy_start']:.1%} -> "
+                                         f"{result['class_accuracy_end']:.1%}")
+    print(f"{n} fresh samples, starting vs final policy: reward {result['reward_start']:.4f} -> {result['reward_end']:.4f} "
+          f"(+- {se:.4f}, a change of {result['reward_gain_in_se'] or 0:.1f} standard errors){accuracy}")
+    return result
+
+
+def train(args: Config) -> dict:
+    """Check every setting and path, take --out for this run alone, then run GRPO."""
+    check_config(args)
+    device = resolve_device(args.device)
+    out = out_dir(args)
+    check_writable(out, "--out")
+    if needs_download(args):
+        check_writable(cache_dir(args), "--cache-dir" if args.cache_dir else "the weight cache ($VAR_GRPO_CACHE or ~/.cache/var_grpo)")
+    with run_lock(out):
+        return run_grpo(args, device, out, open_checkpoint(args, out))
+
+
+def run_grpo(args: Config, device: torch.device, out: Path, ck: Optional[dict]) -> dict:
+    """Set up, then steps 4-8 once per iteration: each step logged, evaluated and saved as --eval-every and
+    --save-every say; at the end the starting and the final policy are compared on fresh samples."""
+    if args.tiny:
+        print(f"--tiny: the toy world on {args.device}: VAR-d{TOY_DEPTH} pretrained on 32 px coloured shapes "
+              f"(notebooks/toy_world.py), fine-tuned for --reward {args.reward}.")
+    torch.manual_seed(args.seed)
+    vae, var = load_models(args, device)
+    reward_fn = build_reward(args, device)
+    ref, opt = setup_policy(args, var, device)
+    gens = {"class": torch.Generator().manual_seed(args.seed),             # which classes each step
+            "sample": torch.Generator(device).manual_seed(args.seed + 1),  # which tokens each rollout
+            "shuffle": torch.Generator().manual_seed(args.seed + 2)}       # minibatch order
+    pool = parse_classes(args.classes, var.num_classes)
+    eval_labels = pool[torch.arange(args.num_eval) % len(pool)].to(device)
+    weight_L = scale_token_weights(var) if args.token_weight == "scale" else None  # None: every token 1/L
+    start, records = start_or_resume(args, out, ck, var, opt, gens)
+    if start == 0:
+        print(f"step 0 evaluation reward {evaluate(var, vae, reward_fn, args, device, eval_labels, out / 'eval_step00000.png'):.4f}")
+    from tqdm import trange
+    with ctrl_c_stops_after_the_step() as stop, failures_keep_checkpoints(out):
+        for step in trange(start, args.steps, initial=start, total=args.steps, desc="GRPO", dynamic_ncols=True):
+            label_P = pool[torch.randint(len(pool), (args.classes_per_step,), generator=gens["class"])]
+            label_B = label_P.repeat_interleave(args.group_size).to(device)  # group i: images i*G .. i*G+G-1
+            rec = dict(step=step, **grpo_step(var, ref, vae, reward_fn, opt, label_B, args, gens, weight_L))
+            done = step + 1
+            if done % args.eval_every == 0 or done == args.steps:  # after this step's update: the policy of step `done`
+                rec["eval_reward"] = evaluate(var, vae, reward_fn, args, device, eval_labels, out / f"eval_step{done:05d}.png")
+            records.append(rec)
+            log_step(rec, out / "metrics.jsonl")
+            if done % args.save_every == 0 or done == args.steps or stop:
+                save_checkpoint(out / "checkpoint.pt", done, var, opt, gens, args)
+            if stop:
+                break
+    summary = None
+    if stop and args.summary_samples > 0:
+        print("stopped by Ctrl-C: no summary.json (resume the run to finish it)")
+    if records and not stop and args.summary_samples > 0:
+        if ref is None and args.lora_rank == 0:  # beta = 0 kept no copy of the starting policy: load it again
+            ref = load_models(args, device)[1]
+        summary = compare_policies(var, ref, vae, reward_fn, load_judge(args, device), pool, args, device)
+    write_final_outputs(out, args, records, summary, var)
+    return dict(out=out, records=records, var=var, summary=summary)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------
+
+def main(argv: Optional[List[str]] = None):
+    args = parse_config(argv)
+    try:
+        return benchmark(args) if args.bench else train(args)
+    except (ValueError, OSError, WeightsError, FloatingPointError) as e:  # OSError: a file could not be written
+        raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C during it
+        if not args.bench:
+            print(f"\nstopped at once by Ctrl-C; checkpoints already in {out_dir(args)} are kept (--resume continues "
+                  f"from the last one)", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+# ==========================================================================================================
+# APPENDIX: plumbing. Nothing below changes what the method computes; a reader who stops here has read all of it.
+#   A. weights: downloads and loading      B. the command line and validation      C. the run directory and files
+#   D. CUDA graphs for sampling (--compile)   E. the benchmark (--bench)
+# ==========================================================================================================
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A. Weights. The official files live on Hugging Face; we download them once with requests into a cache,
+# resuming interrupted downloads and checking the sha256 the server reports, then load them with
+# strict=True so that any mismatch with the official architecture is an error, not a silent wrong model.
+# ----------------------------------------------------------------------------------------------------------
+
+VAR_URL = "https://huggingface.co/FoundationVision/var/resolve/main/"
+VAE_FILE = "vae_ch160v4096z32.pth"
+CLIP_URL = "https://huggingface.co/timm/vit_large_patch14_clip_224.openai/resolve/main/"
+CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+DEFAULT_CLIP = "ViT-L-14-quickgelu"
+AESTHETIC_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
+                 "sac%2Blogos%2Bava1-l14-linearMSE.pth")
+
+
+class WeightsError(RuntimeError):
+    """A weight file could not be downloaded or does not fit the model; the message says what to do."""
+
+
+def cache_dir(args: Config) -> Path:
+    return Path(args.cache_dir or os.environ.get("VAR_GRPO_CACHE") or Path.home() / ".cache" / "var_grpo")
+
+
+def _reported_sha256(response: requests.Response) -> Optional[str]:
+    """Hugging Face reports a large (LFS) file's sha256 as its X-Linked-Etag (on the redirect) or ETag."""
+    for r in [*response.history, response]:
+        for name in ("X-Linked-Etag", "ETag"):
+            tag = r.headers.get(name, "").strip().strip('"').removeprefix("W/").strip('"').lower()
+            if len(tag) == 64 and all(c in "0123456789abcdef" for c in tag):
+                return tag
+    return None
+
+
+def download(url: str, dest: Path, attempts: int = 3, timeout: float = 30.0) -> Path:
+    """Download url to dest unless dest exists. Bytes stream into dest.part, which survives an interruption
+    and is resumed with an HTTP Range request; dest appears only once the file is complete and verified."""
+    from tqdm import tqdm
+    dest = Path(dest)
+    if dest.exists():
+        return dest
+    part = dest.with_name(dest.name + ".part")
+    manual = (f"You can download it by hand (e.g. in a browser) and save it as {dest}, "
+              f"or pass its local path with --vae-ckpt / --var-ckpt / --clip-ckpt / --aesthetic-ckpt.")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise WeightsError(f"{dest.name} is not in the cache ({dest}) and HF_HUB_OFFLINE is set, so it is not "
+                           f"downloaded from {url}. {manual}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(attempts):
+        have = part.stat().st_size if part.exists() else 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        try:
+            with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
+                expected_sha = _reported_sha256(r)
+                if r.status_code == 416:  # the .part already holds the whole file
+                    pass
+                elif r.status_code not in (200, 206):
+                    raise WeightsError(f"Downloading {url} failed: HTTP {r.status_code} {r.reason}. {manual}")
+                else:
+                    if r.status_code == 200:  # the server ignored Range: start over
+                        have = 0
+                    size = r.headers.get("Content-Length")
+                    total = have + int(size) if size is not None else None
+                    with open(part, "ab" if have else "wb") as f, tqdm(
+                            total=total, initial=have, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar:
+                        for chunk in r.iter_content(chunk_size=1 << 16):  # small reads: little is lost if cut
+                            f.write(chunk)
+                            bar.update(len(chunk))
+                    if total is not None and part.stat().st_size < total:
+                        raise requests.ConnectionError(f"connection closed at {part.stat().st_size} of {total} bytes")
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+            if attempt == attempts - 1:
+                have = part.stat().st_size if part.exists() else 0
+                kept = (f"{have} bytes are kept in {part} and the next run resumes from there" if have else
+                        "nothing was downloaded")
+                raise WeightsError(f"Downloading {url} failed after {attempts} attempts ({e}); {kept}. {manual}") from e
+            print(f"download of {dest.name} interrupted ({e}); resuming", file=sys.stderr)
+            continue
+        if expected_sha is not None:
+            h = hashlib.sha256()
+            with open(part, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    h.update(block)
+            if h.hexdigest() != expected_sha:
+                part.unlink()  # corrupt: never let it become the cached file, and don't resume from it
+                raise WeightsError(f"Downloaded {url} but its sha256 is {h.hexdigest()}, not {expected_sha} as the "
+                                   f"server reports: the file is corrupt and was deleted. Run again, or: {manual}")
+        os.replace(part, dest)
+        return dest
+    raise AssertionError("unreachable")
+
+
+def cached_name(url: str) -> str:
+    """The file name a download of url is cached under: the URL's last part, %-escapes decoded (%2B -> +)."""
+    return unquote(url.rsplit("/", 1)[-1])
+
+
+def weight_path(local: str, url: str, args: Config) -> Path:
+    """A user-given local file (no network needed), else the cached copy of url, downloaded if missing."""
+    if local:
+        if Path(local).is_dir():
+            raise WeightsError(f"{local} is a directory; give the path of the .pth file itself.")
+        if not Path(local).is_file():
+            raise WeightsError(f"{local} does not exist; give the path of a weight file that does.")
+        return Path(local)
+    return download(url, cache_dir(args) / cached_name(url))
+
+
+def read_state_dict(path: Path) -> dict:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"{path} is not a PyTorch checkpoint that torch.load(weights_only=True) can read ({e}). "
+                           f"Pass an official VAR/VQVAE .pth file or one this script exported.") from e
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        keys = list(sd)[:8] if isinstance(sd, dict) else type(sd).__name__
+        raise WeightsError(f"{path} is not a plain state_dict of tensors (it holds {keys}). Pass an official "
+                           f"VAR/VQVAE .pth file or the exported var_final.pth (training checkpoints go to --resume).")
+    return sd
+
+
+def load_weights(model: nn.Module, path: Path) -> nn.Module:
+    """Load a state_dict with the official key names into a model built on the meta device (no init cost)."""
+    sd = read_state_dict(path)
+    if isinstance(model, VAR) and "class_emb.weight" in sd and sd["class_emb.weight"].shape[1] != model.C:
+        width = sd["class_emb.weight"].shape[1]
+        raise WeightsError(f"{path} looks like VAR-d{width // 64} (width {width}) but depth {model.depth} was asked "
+                           f"(width {model.C}). Pass --depth {width // 64} or the var_d{model.depth}.pth file.")
+    want = {k: v.shape for k, v in model.state_dict().items()}
+    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(want[k])}" for k in want if k in sd and sd[k].shape != want[k]]
+    if missing or unexpected or wrong:
+        what = type(model).__name__
+        raise WeightsError(f"{path} does not fit the {what} that was built: missing keys {missing[:10]}"
+                           f"{' ...' if len(missing) > 10 else ''}, unexpected keys {unexpected[:10]}"
+                           f"{' ...' if len(unexpected) > 10 else ''}, shape mismatches {wrong[:10]}. "
+                           f"Check that the file is the {what} checkpoint and that --depth matches it.")
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.float()  # the fixtures store fp16; the official files fp32
+
+
+def load_models(args: Config, device: torch.device):
+    """(vae, var): the official weights for --depth, or the pretrained toy world's for --tiny."""
+    if args.tiny:
+        with torch.device("meta"):
+            vae, var = build_vae(TOY_ARCH), build_var(TOY_ARCH, TOY_DEPTH)
+        return load_toy(vae, "vae.pth", args.vae_ckpt).to(device), load_toy(var, "var.pth", args.var_ckpt).to(device)
+    vae_path = weight_path(args.vae_ckpt, VAR_URL + VAE_FILE, args)
+    var_path = weight_path(args.var_ckpt, VAR_URL + f"var_d{args.depth}.pth", args)
+    with torch.device("meta"):  # no random init of 300M+ parameters only to overwrite them
+        vae, var = build_vae(OFFICIAL_ARCH), build_var(OFFICIAL_ARCH, args.depth)
+    return load_weights(vae, vae_path).to(device), load_weights(var, var_path).to(device)
+
+
+TOY_DIR = Path(__file__).resolve().parent / "notebooks" / "toy"
+
+
+def load_toy(model: nn.Module, name: str, local: str = "") -> nn.Module:
+    """The toy world's weights (shipped in notebooks/toy/, or a local file), with the way to rebuild them on error."""
+    path = Path(local) if local else TOY_DIR / name
+    try:
+        if not path.is_file():
+            raise WeightsError(f"{path} does not exist.")
+        return load_weights(model, path)
+    except WeightsError as e:
+        raise WeightsError(f"{e}\nThe toy world's weights ship with the repository in {TOY_DIR}: restore them with "
+                           f"`git checkout -- notebooks/toy`, or rebuild them from scratch with "
+                           f"`python notebooks/toy_world.py` (about 12 minutes on 2 CPU cores).") from None
+
+
+def load_judge(args: Config, device: torch.device) -> Optional[nn.Module]:
+    """The toy world's ShapeJudge for --tiny (class accuracy of samples); None at full size (no ImageNet judge)."""
+    if not args.tiny:
+        return None
+    with torch.device("meta"):
+        judge = ShapeJudge(TOY_ARCH["num_classes"])
+    return load_toy(judge, "judge.pth").to(device).eval().requires_grad_(False)
+
+
+def register_tiny_clip() -> str:
+    """Write TINY_CLIP_CONFIG where open_clip looks for model configs; returns its model name."""
+    import tempfile, open_clip
+    d = Path(tempfile.gettempdir()) / "var_grpo_clip_configs"
+    d.mkdir(exist_ok=True)
+    (d / f"{TINY_CLIP}.json").write_text(json.dumps(TINY_CLIP_CONFIG))
+    open_clip.add_model_config(d)
+    return TINY_CLIP
+
+
+def clip_weights(args: Config) -> str:
+    """What open_clip's `pretrained` gets: --clip-ckpt (a file or a tag), else the OpenAI ViT-L/14 from the cache."""
+    if args.clip_ckpt:
+        return args.clip_ckpt
+    if args.clip_model != DEFAULT_CLIP:
+        raise WeightsError(f"--clip-model {args.clip_model} needs --clip-ckpt: a local weight file or an open_clip "
+                           f"pretrained tag (python -c 'import open_clip; print(open_clip.list_pretrained())').")
+    for i, name in enumerate(CLIP_FILES):  # prefer safetensors, fall back to the pickled file
+        try:
+            return str(download(CLIP_URL + name, cache_dir(args) / "clip-vit-l-14-openai" / name))
+        except WeightsError:
+            if i == len(CLIP_FILES) - 1:
+                raise
+
+
+# ----------------------------------------------------------------------------------------------------------
+# B. The command line (derived from Config) and validation: every setting is checked before any work is done.
+# ----------------------------------------------------------------------------------------------------------
+
+def field_help(cls=Config) -> dict:
+    """{field name: the docstring written under it}, parsed from this file's source."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+
+
+def parse_config(argv: Optional[List[str]] = None) -> Config:
+    """The command line is derived from Config: one --flag per field, its docstring as help."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1], epilog=f"--tiny changes the defaults: {TINY_DEFAULTS}",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps = field_help()
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps[f.name])
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default, help=helps[f.name])
+    if parser.parse_args(argv).tiny:
+        parser.set_defaults(**TINY_DEFAULTS)
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device as a torch.device, or a ValueError saying why it cannot be used here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: this script runs on cpu or cuda only")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu (with --tiny: a CPU run), "
+                         f"or install a CUDA build of torch on a machine with an NVIDIA GPU")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    return device
 
 
 def parse_classes(spec: str, num_classes: int) -> torch.Tensor:
@@ -1375,7 +1564,7 @@ def parse_classes(spec: str, num_classes: int) -> torch.Tensor:
 OFFICIAL_DEPTHS = (16, 20, 24, 30)  # the var_d{depth}.pth files FoundationVision publishes
 
 
-def check_config(cfg: Config):
+def check_config(args: Config):
     """Reject bad settings before any download, model load or other work, all problems in one message."""
     problems = []
 
@@ -1383,61 +1572,61 @@ def check_config(cfg: Config):
         if not ok:
             problems.append(problem)
     for f in fields(Config):  # argparse reads "nan" and "inf" as floats
-        value = getattr(cfg, f.name)
+        value = getattr(args, f.name)
         need(not isinstance(value, float) or math.isfinite(value), f"--{f.name.replace('_', '-')} {value}: must be a finite number")
     if problems:
         raise ValueError("bad configuration:\n  " + "\n  ".join(problems))
-    need(cfg.group_size >= 2, f"--group-size {cfg.group_size}: GRPO compares images within a group, so it needs at least 2")
-    for flag, value in (("--classes-per-step", cfg.classes_per_step), ("--minibatches", cfg.minibatches),
-                        ("--micro-batch", cfg.micro_batch), ("--inner-epochs", cfg.inner_epochs), ("--steps", cfg.steps),
-                        ("--eval-every", cfg.eval_every), ("--save-every", cfg.save_every), ("--num-eval", cfg.num_eval),
-                        ("--bench-batch", cfg.bench_batch)):
+    need(args.group_size >= 2, f"--group-size {args.group_size}: GRPO compares images within a group, so it needs at least 2")
+    for flag, value in (("--classes-per-step", args.classes_per_step), ("--minibatches", args.minibatches),
+                        ("--micro-batch", args.micro_batch), ("--inner-epochs", args.inner_epochs), ("--steps", args.steps),
+                        ("--eval-every", args.eval_every), ("--save-every", args.save_every), ("--num-eval", args.num_eval),
+                        ("--bench-batch", args.bench_batch)):
         need(value >= 1, f"{flag} {value}: must be at least 1")
-    for flag, value in (("--summary-samples", cfg.summary_samples), ("--sample-batch", cfg.sample_batch),
-                        ("--lora-rank", cfg.lora_rank), ("--eval-top-k", cfg.eval_top_k), ("--beta", cfg.beta),
-                        ("--cfg", cfg.cfg), ("--adv-eps", cfg.adv_eps), ("--weight-decay", cfg.weight_decay)):
+    for flag, value in (("--summary-samples", args.summary_samples), ("--sample-batch", args.sample_batch),
+                        ("--lora-rank", args.lora_rank), ("--eval-top-k", args.eval_top_k), ("--beta", args.beta),
+                        ("--cfg", args.cfg), ("--adv-eps", args.adv_eps), ("--weight-decay", args.weight_decay)):
         need(value >= 0, f"{flag} {value}: must be >= 0")
-    need(0 < cfg.lr <= 1, f"--lr {cfg.lr}: must be in (0, 1]; AdamW moves each weight by about lr a step, so above 1 "
+    need(0 < args.lr <= 1, f"--lr {args.lr}: must be in (0, 1]; AdamW moves each weight by about lr a step, so above 1 "
                           f"the first update wrecks the model (1e-5 for full fine-tuning, ~1e-4 with LoRA)")
-    need(cfg.temperature > 0, f"--temperature {cfg.temperature}: must be > 0 (1: the model's own distribution)")
-    need(0 < cfg.clip_eps <= 1, f"--clip-eps {cfg.clip_eps}: must be in (0, 1] (0.2 is usual)")
-    need(cfg.max_grad_norm > 0, f"--max-grad-norm {cfg.max_grad_norm}: must be > 0")
-    need(0 <= cfg.eval_top_p <= 1, f"--eval-top-p {cfg.eval_top_p}: must be in [0, 1] (0: off)")
-    n = cfg.classes_per_step * cfg.group_size
-    if cfg.classes_per_step >= 1 and cfg.minibatches >= 1 and cfg.micro_batch >= 1:
-        need(n % cfg.minibatches == 0 and (n // cfg.minibatches) % cfg.micro_batch == 0,
-             f"P*G = {cfg.classes_per_step}*{cfg.group_size} = {n} images must split into --minibatches {cfg.minibatches} "
-             f"of a whole number of --micro-batch {cfg.micro_batch} images; e.g. --minibatches 1 --micro-batch "
-             f"{math.gcd(n, cfg.micro_batch)}")
-    for flag, value, choices in (("--adv-norm", cfg.adv_norm, ("group", "batch", "none")),
-                                 ("--old-logprobs", cfg.old_logprobs, ("sampler", "recompute")),
-                                 ("--token-weight", cfg.token_weight, ("token", "scale"))):
+    need(args.temperature > 0, f"--temperature {args.temperature}: must be > 0 (1: the model's own distribution)")
+    need(0 < args.clip_eps <= 1, f"--clip-eps {args.clip_eps}: must be in (0, 1] (0.2 is usual)")
+    need(args.max_grad_norm > 0, f"--max-grad-norm {args.max_grad_norm}: must be > 0")
+    need(0 <= args.eval_top_p <= 1, f"--eval-top-p {args.eval_top_p}: must be in [0, 1] (0: off)")
+    n = args.classes_per_step * args.group_size
+    if args.classes_per_step >= 1 and args.minibatches >= 1 and args.micro_batch >= 1:
+        need(n % args.minibatches == 0 and (n // args.minibatches) % args.micro_batch == 0,
+             f"P*G = {args.classes_per_step}*{args.group_size} = {n} images must split into --minibatches {args.minibatches} "
+             f"of a whole number of --micro-batch {args.micro_batch} images; e.g. --minibatches 1 --micro-batch "
+             f"{math.gcd(n, args.micro_batch)}")
+    for flag, value, choices in (("--adv-norm", args.adv_norm, ("group", "batch", "none")),
+                                 ("--old-logprobs", args.old_logprobs, ("sampler", "recompute")),
+                                 ("--token-weight", args.token_weight, ("token", "scale"))):
         need(value in choices, f"{flag} {value!r}: choose one of {', '.join(choices)}")
-    if cfg.tiny:
-        need(cfg.depth == Config.depth, f"--tiny uses the toy world's VAR-d{TOY_DEPTH}; drop --depth")
-    elif cfg.bench:
-        need(cfg.depth >= 1, f"--depth {cfg.depth}: must be at least 1")
-    elif not cfg.var_ckpt:  # the weights are downloaded: only the published depths exist
-        need(cfg.depth in OFFICIAL_DEPTHS, f"--depth {cfg.depth}: official VAR weights exist for depth "
+    if args.tiny:
+        need(args.depth == Config.depth, f"--tiny uses the toy world's VAR-d{TOY_DEPTH}; drop --depth")
+    elif args.bench:
+        need(args.depth >= 1, f"--depth {args.depth}: must be at least 1")
+    elif not args.var_ckpt:  # the weights are downloaded: only the published depths exist
+        need(args.depth in OFFICIAL_DEPTHS, f"--depth {args.depth}: official VAR weights exist for depth "
                                            f"{', '.join(map(str, OFFICIAL_DEPTHS))}; or pass your own with --var-ckpt")
     else:
-        need(cfg.depth >= 1, f"--depth {cfg.depth}: must be at least 1")
+        need(args.depth >= 1, f"--depth {args.depth}: must be at least 1")
     try:
-        reward = parse_reward_spec(cfg.reward)
+        reward = parse_reward_spec(args.reward)
         if "clip" in reward:
-            need(bool(cfg.prompt.strip()), "--prompt is empty but the clip reward needs a text to compare the images with")
-        if ("clip" in reward or "aesthetic" in reward) and not cfg.tiny:
-            need(cfg.clip_model == DEFAULT_CLIP or bool(cfg.clip_ckpt),
-                 f"--clip-model {cfg.clip_model} needs --clip-ckpt: a local weight file or an open_clip pretrained tag "
+            need(bool(args.prompt.strip()), "--prompt is empty but the clip reward needs a text to compare the images with")
+        if ("clip" in reward or "aesthetic" in reward) and not args.tiny:
+            need(args.clip_model == DEFAULT_CLIP or bool(args.clip_ckpt),
+                 f"--clip-model {args.clip_model} needs --clip-ckpt: a local weight file or an open_clip pretrained tag "
                  f"(python -c 'import open_clip; print(open_clip.list_pretrained())')")
     except ValueError as e:
         problems.append(str(e))
     try:
-        parse_classes(cfg.classes, (TOY_ARCH if cfg.tiny else OFFICIAL_ARCH)["num_classes"])
+        parse_classes(args.classes, (TOY_ARCH if args.tiny else OFFICIAL_ARCH)["num_classes"])
     except ValueError as e:
         problems.append(str(e))
     try:
-        resolve_device(cfg.device)
+        resolve_device(args.device)
     except ValueError as e:
         problems.append(str(e))
     if problems:
@@ -1457,7 +1646,8 @@ def check_writable(path: Path, what: str):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Outputs: image grids and a reward curve a person looks at, a metrics JSONL to plot, atomic checkpoints.
+# C. The run directory: image grids and a reward curve a person looks at, checkpoints that survive a full disk,
+# one run per directory, and what a resumed run must match.
 # ----------------------------------------------------------------------------------------------------------
 
 def save_grid(images_B3HW, path: Path, columns: int = 4):
@@ -1514,17 +1704,11 @@ def write_failure(e: Exception, path: Path) -> str:
     """Why writing `path` failed, in words: disk full, read-only file system, no permission, or the error itself."""
     import errno, shutil
     code = getattr(e, "errno", None)
-    try:
-        free = shutil.disk_usage(path.parent).free
-    except OSError:
-        free = None
+    free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else None
     if code == errno.ENOSPC or (free is not None and free < 1 << 26):  # torch's zip writer hides ENOSPC ("unexpected pos")
-        return f"the disk is full ({free / 2**20:.0f} MB free)" if free is not None else "the disk is full"
-    if code == errno.EROFS:
-        return "the file system is read-only"
-    if code in (errno.EACCES, errno.EPERM):
-        return "permission denied"
-    return f"{type(e).__name__}: {e}"
+        return "the disk is full" + (f" ({free / 2**20:.0f} MB free)" if free is not None else "")
+    return {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+            errno.EPERM: "permission denied"}.get(code, f"{type(e).__name__}: {e}")
 
 
 def atomic_save(obj, path: Path):
@@ -1553,11 +1737,11 @@ RESUME_MAY_CHANGE = ("steps", "eval_every", "save_every", "summary_samples", "de
                      "grad_checkpointing", "sample_batch", "compile", "cache_dir")
 
 
-def out_dir(cfg: Config) -> Path:
+def out_dir(args: Config) -> Path:
     """--out, else runs/<prompt>-d<depth> (runs/tiny-<reward>), cut to 60 characters plus a hash when longer."""
-    if cfg.out:
-        return Path(cfg.out)
-    name = f"tiny-{cfg.reward}" if cfg.tiny else f"{cfg.prompt}-d{cfg.depth}"
+    if args.out:
+        return Path(args.out)
+    name = f"tiny-{args.reward}" if args.tiny else f"{args.prompt}-d{args.depth}"
     slug = "-".join(filter(None, "".join(c if c.isalnum() else "-" for c in name.lower()).split("-")))
     if len(slug) > 60:
         slug = slug[:60].rstrip("-") + "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
@@ -1587,149 +1771,101 @@ def run_lock(out: Path):
         yield
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The training loop: sample -> score -> advantages -> a few clipped policy-gradient updates, logged each step.
-# ----------------------------------------------------------------------------------------------------------
-
-def evaluate(var, vae, reward_fn, cfg: Config, device, eval_labels, path: Path) -> float:
-    """Images at fixed (class, seed) pairs, the same at every evaluation, saved as a grid; returns their mean reward."""
-    var.eval()
-    gen = torch.Generator(device).manual_seed(cfg.seed + 10_000)
-    guidance = cfg.cfg if cfg.eval_cfg < 0 else cfg.eval_cfg
-    s = sample_in_chunks(var, vae, eval_labels, cfg.sample_batch, guidance, cfg.temperature, cfg.eval_top_k,
-                         cfg.eval_top_p, gen)
-    save_grid(s.image, path)
-    return reward_fn(s.image)[0].mean().item()
-
-
-@torch.no_grad()
-def compare_policies(var: VAR, ref: Optional[VAR], vae, reward_fn, judge, pool, cfg: Config, device) -> dict:
-    """Did the policy change, or did the training batches get lucky? Fresh samples of the starting policy (ref, or
-    var with its adapters off) and of the final one, with the same classes and seeds, drawn as in training (guidance,
-    temperature, no top-k); their mean reward with the standard error of the difference, and (toy world) the judge's
-    class accuracy."""
-    n, chunk = cfg.summary_samples, cfg.sample_batch or cfg.classes_per_step * cfg.group_size  # known to fit
-    labels = pool[torch.arange(n) % len(pool)].to(device)
-    result = {}
-    for name in ("start", "end"):
-        with starting_policy(var, ref) if name == "start" else nullcontext(var) as policy:
-            policy.eval()
-            gen = torch.Generator(device).manual_seed(cfg.seed + 20_000)
-            rewards, hits = [], []
-            for i in range(0, n, chunk):
-                images = sample(policy, vae, labels[i:i + chunk], cfg.cfg, cfg.temperature, generator=gen).image
-                rewards.append(reward_fn(images)[0])
-                if judge is not None:
-                    hits.append(judge(images).argmax(-1) == labels[i:i + chunk])
-        r = torch.cat(rewards)
-        result[f"reward_{name}"], result[f"reward_var_{name}"] = r.mean().item(), r.var().item()
-        result[f"class_accuracy_{name}"] = torch.cat(hits).float().mean().item() if hits else None
-    se = math.sqrt((result.pop("reward_var_start") + result.pop("reward_var_end")) / n)
-    result.update(reward_se=se, reward_gain_in_se=(result["reward_end"] - result["reward_start"]) / se if se > 0 else None,
-                  samples=n)
-    accuracy = "" if judge is None else (f"; class accuracy {result['class_accuracy_start']:.1%} -> "
-                                         f"{result['class_accuracy_end']:.1%}")
-    print(f"{n} fresh samples, starting vs final policy: reward {result['reward_start']:.4f} -> {result['reward_end']:.4f} "
-          f"(+- {se:.4f}, a change of {result['reward_gain_in_se'] or 0:.1f} standard errors){accuracy}")
-    return result
+def start_or_resume(args: Config, out: Path, ck: Optional[dict], var: VAR, opt, gens: dict):
+    """(first step, records so far): 0 and none for a new run; else the checkpoint's model, optimizer and random
+    streams restored, and metrics.jsonl cut back to the steps it holds. Writes config.json."""
+    start = 0
+    if ck is not None:
+        var.load_state_dict(ck["model"], strict=args.lora_rank == 0)  # LoRA: the adapters; the base came from disk
+        opt.load_state_dict(ck["optimizer"])
+        for name, gen in gens.items():
+            gen.set_state(ck[f"{name}_gen"])
+        start = ck["step"]
+        print(f"resumed {out} at step {start}")
+    (out / "config.json").write_text(json.dumps(vars(args), indent=1))
+    records = read_metrics(out / "metrics.jsonl", start) if args.resume else []
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return start, records
 
 
-def grpo_step(var: VAR, ref: Optional[VAR], vae: VQVAE, reward_fn, opt, label_B, cfg: Config, gens: dict,
-              weight_L: Optional[torch.Tensor]) -> dict:
-    """One GRPO step (docstring steps 4-8) on P groups of G images, label_B = the P classes, each repeated G times.
-    Returns the step's log record: rewards, advantages, loss terms, ratios, timings and peak memory per phase."""
-    device, n_images = label_B.device, len(label_B)
-    mb_size = n_images // cfg.minibatches
-    peak_gb = {}
-
-    def end_of_phase(name: str) -> float:  # wait for the GPU, so that each phase is timed and measured on its own
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            peak_gb[name] = torch.cuda.max_memory_allocated(device) / 2**30
-            torch.cuda.reset_peak_memory_stats(device)
-        return time.perf_counter()
-
-    end_of_phase("before")
-    t0 = time.perf_counter()
-    # 4. rollout: P classes x G images from the current policy, with each token's log-prob
-    var.eval()
-    roll = sample_in_chunks(var, vae, label_B, cfg.sample_batch, cfg.cfg, cfg.temperature, 0, 0.0, gens["sample"],
-                            return_logprobs=True)
-    t1 = end_of_phase("sample")
-    # 5. reward, 6. group-relative advantages
-    reward_B, parts, features_BD = reward_fn(roll.image)
-    adv_B = group_advantages(reward_B, cfg.group_size, cfg.adv_eps, cfg.adv_norm)
-    t2 = end_of_phase("reward")
-
-    # 7. log pi_ref for the KL term (and, with --old-logprobs recompute, log pi_old): once per step, no gradient
-    def no_grad_logprobs(model):
-        with torch.no_grad():
-            return torch.cat([token_logprobs(model, vae, label_B[i:i + cfg.micro_batch],
-                                             [t[i:i + cfg.micro_batch] for t in roll.tokens], cfg.cfg, cfg.temperature)
-                              for i in range(0, n_images, cfg.micro_batch)])
-    ref_logp_BL = None
-    if cfg.beta > 0:
-        with starting_policy(var, ref) as start:
-            ref_logp_BL = no_grad_logprobs(start)
-    old_logp_BL = no_grad_logprobs(var) if cfg.old_logprobs == "recompute" else roll.logprob
-    # 8. clipped policy-gradient updates over minibatches, accumulating micro-batches
-    var.train()
-    trained = [p for g in opt.param_groups for p in g["params"]]
-    mb_stats, grad_norms, gap_BL = [], [], None  # mb_stats: one list of micro-batch stats per minibatch
-    for _ in range(cfg.inner_epochs):
-        order = torch.randperm(n_images, generator=gens["shuffle"]).to(device)
-        for mb in order.view(cfg.minibatches, mb_size):
-            opt.zero_grad(set_to_none=True)
-            mb_stats.append([])
-            for idx in mb.view(-1, cfg.micro_batch):
-                logp_BL, entropy_BL = token_logprobs(var, vae, label_B[idx], [t[idx] for t in roll.tokens],
-                                                     cfg.cfg, cfg.temperature, entropy=True)
-                if gap_BL is None:  # before the step's first update: the sampler-vs-trainer gap
-                    gap_BL = (logp_BL.detach() - old_logp_BL[idx]).abs()
-                loss, stats = grpo_loss(logp_BL, old_logp_BL[idx], adv_B[idx],
-                                        None if ref_logp_BL is None else ref_logp_BL[idx], cfg.clip_eps, cfg.beta, weight_L)
-                (loss * (len(idx) / mb_size)).backward()  # the minibatch's loss is the mean over its images
-                mb_stats[-1].append(dict(stats, entropy=entropy_BL.mean().item()))
-            grad_norms.append(torch.nn.utils.clip_grad_norm_(trained, cfg.max_grad_norm).item())
-            if not math.isfinite(grad_norms[-1]):  # stepping would write NaN into every weight
-                raise FloatingPointError(f"the gradient norm is {grad_norms[-1]}, so this update was not applied; "
-                                         f"lower --lr (now {cfg.lr}) or raise --beta")
-            opt.step()
-    t3 = end_of_phase("update")
-    # the log record
-    rec = dict(reward_mean=reward_B.mean().item(), reward_std=reward_B.std().item())
-    for name, r_B in parts.items():
-        rec[f"{name}_mean"], rec[f"{name}_std"] = r_B.mean().item(), r_B.std().item()
-    every = [s for stats in mb_stats for s in stats]
-    rec.update({k: float(np.mean([s[k] for s in every])) for k in every[0]})
-    later = [s for stats in mb_stats[1:] for s in stats]  # after at least one update of this step
-    rec.update(ratio_first=float(np.mean([s["ratio_mean"] for s in mb_stats[0]])),
-               clip_frac_first=float(np.mean([s["clip_frac"] for s in mb_stats[0]])),
-               ratio_later=float(np.mean([s["ratio_mean"] for s in later])) if later else None,
-               clip_frac_later=float(np.mean([s["clip_frac"] for s in later])) if later else None,
-               logprob_gap_max=gap_BL.max().item(), logprob_gap_mean=gap_BL.mean().item(),
-               kl_share=rec["kl_loss"] / (abs(rec["policy_loss"]) + rec["kl_loss"]) if rec["kl_loss"] > 0 else 0.0)
-    rec.update(adv_abs_mean=adv_B.abs().mean().item(), adv_max=adv_B.max().item(), adv_min=adv_B.min().item(),
-               zero_adv_groups=(adv_B.view(-1, cfg.group_size) == 0).all(1).float().mean().item(),
-               grad_norm=float(np.mean(grad_norms)), diversity=group_diversity(features_BD, cfg.group_size),
-               time_sample=t1 - t0, time_reward=t2 - t1, time_update=t3 - t2, images_per_s=n_images / (t3 - t0),
-               peak_gpu_mem_gb=max(peak_gb.values()) if peak_gb else None,
-               **{f"peak_gpu_mem_gb_{k}": peak_gb.get(k) for k in ("sample", "reward", "update")})
-    return rec
+def save_checkpoint(path: Path, step: int, var: VAR, opt, gens: dict, args: Config):
+    atomic_save(dict(model=trained_state_dict(var, args), optimizer=opt.state_dict(), step=step, config=vars(args),
+                     **{f"{name}_gen": gen.get_state() for name, gen in gens.items()}), path)
 
 
-def needs_download(cfg: Config) -> bool:
+def log_step(rec: dict, metrics_path: Path):
+    """One JSON line in metrics.jsonl, one printed line for a person."""
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    from tqdm import tqdm
+    tqdm.write(f"step {rec['step']:4d} | reward {rec['reward_mean']:.4f} +- {rec['reward_std']:.4f} | kl {rec['kl']:.2e} | "
+               f"clip {rec['clip_frac']:.3f} | ratio {rec['ratio_mean']:.4f} | gap {rec['logprob_gap_max']:.1e} | "
+               f"ent {rec['entropy']:.3f} | grad {rec['grad_norm']:.3f} | div {rec['diversity']:.3f} | "
+               f"{rec['time_sample'] + rec['time_reward'] + rec['time_update']:.2f}s (sample {rec['time_sample']:.2f} "
+               f"reward {rec['time_reward']:.2f} update {rec['time_update']:.2f})"
+               + (f" | eval reward {rec['eval_reward']:.4f}" if "eval_reward" in rec else ""))
+
+
+@contextmanager
+def ctrl_c_stops_after_the_step():
+    """Yields a list that the first Ctrl-C appends to: the loop then saves and stops after the current step. The
+    second Ctrl-C meets the previous handler and stops at once (main turns that into a message)."""
+    stop = []
+
+    def on_ctrl_c(signum, frame):
+        stop.append(signum)
+        print("\nCtrl-C: finishing this step, then saving and stopping (Ctrl-C again stops at once, without saving "
+              "this step)", flush=True)
+        signal.signal(signal.SIGINT, previous_handler)
+    previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+
+
+@contextmanager
+def failures_keep_checkpoints(out: Path):
+    """Out of GPU memory, or a non-finite update: say what to change, and that the checkpoints in out are kept."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as e:
+        raise torch.cuda.OutOfMemoryError(
+            f"{e}\nOut of GPU memory. Lower --micro-batch (memory of an update), --sample-batch (memory of sampling), "
+            f"--classes-per-step or --group-size, add --grad-checkpointing, or train LoRA adapters with --lora-rank 16 "
+            f"(README: memory per depth). Checkpoints already written in {out} are kept.") from None
+    except FloatingPointError as e:
+        raise FloatingPointError(f"{e}. Checkpoints already written in {out} are kept.") from None
+
+
+def write_final_outputs(out: Path, args: Config, records: List[dict], summary: Optional[dict], var: VAR):
+    """summary.json, before_after.png, reward_curve.png, var_final.pth; then the list of what is in out."""
+    if summary is not None:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    final = out / f"eval_step{args.steps:05d}.png"
+    if records and final.exists():
+        save_before_after(out / "eval_step00000.png", final, out / "before_after.png")
+    if records:
+        save_reward_curve(records, out / "reward_curve.png")
+    # official key names (LoRA merged): loads with --var-ckpt, or into the official VAR
+    atomic_save(export_state_dict(var, args), out / "var_final.pth")
+    grids = sorted(out.glob("eval_step*.png"))
+    written = [p.name for p in sorted(out.iterdir()) if p.suffix in (".json", ".jsonl", ".png", ".pth", ".pt") and p not in grids]
+    print(f"outputs in {out}: {', '.join(written)}" + (f", {len(grids)} evaluation grids eval_step*.png" if grids else ""))
+
+
+def needs_download(args: Config) -> bool:
     """Will this run fetch weights into the cache (some file not given locally)?"""
-    reward = parse_reward_spec(cfg.reward)
-    return not cfg.tiny and (not cfg.vae_ckpt or not cfg.var_ckpt or ("clip" in reward and not cfg.clip_ckpt)
-                             or ("aesthetic" in reward and not cfg.aesthetic_ckpt))
+    reward = parse_reward_spec(args.reward)
+    return not args.tiny and (not args.vae_ckpt or not args.var_ckpt or ("clip" in reward and not args.clip_ckpt)
+                             or ("aesthetic" in reward and not args.aesthetic_ckpt))
 
 
-def open_checkpoint(cfg: Config, out: Path) -> Optional[dict]:
+def open_checkpoint(args: Config, out: Path) -> Optional[dict]:
     """None for a new run, which needs an --out without a checkpoint. With --resume: the checkpoint, checked to be
     readable and from a run with the same settings (those in RESUME_MAY_CHANGE aside), before anything is loaded."""
     path = out / "checkpoint.pt"
-    if not cfg.resume:
+    if not args.resume:
         if path.exists():
             raise FileExistsError(f"{out} already holds a run (checkpoint.pt); pass --resume to continue it or choose another --out")
         return None
@@ -1747,11 +1883,11 @@ def open_checkpoint(cfg: Config, out: Path) -> Optional[dict]:
     except Exception as e:
         raise ValueError(f"--resume: {path} cannot be read ({type(e).__name__}: {str(e)[:200]}): it is damaged, e.g. "
                          f"truncated by a copy. Restore it from a backup, or start the run again in another --out.") from None
-    differs = [k for k in vars(cfg) if k not in RESUME_MAY_CHANGE + ("out", "resume", "bench", "bench_batch")
-               and old.get(k, getattr(Config, k)) != getattr(cfg, k)]
+    differs = [k for k in vars(args) if k not in RESUME_MAY_CHANGE + ("out", "resume", "bench", "bench_batch")
+               and old.get(k, getattr(Config, k)) != getattr(args, k)]
     if differs:
         raise ValueError(f"--resume: {path} was trained with different settings: " + ", ".join(
-            f"--{k.replace('_', '-')} was {old.get(k, getattr(Config, k))!r}, now {getattr(cfg, k)!r}" for k in differs)
+            f"--{k.replace('_', '-')} was {old.get(k, getattr(Config, k))!r}, now {getattr(args, k)!r}" for k in differs)
             + f". A resumed run continues the same experiment: give the original values (they are in "
             f"{out / 'config.json'}), or start a new run in another --out. Only these may change on --resume: "
             + ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE) + ".")
@@ -1776,197 +1912,131 @@ def read_metrics(path: Path, before_step: int) -> List[dict]:
     return [r for r in records if r.get("step", before_step) < before_step]
 
 
-def train(cfg: Config) -> dict:
-    """Check every setting and path, take --out for this run alone, then run GRPO."""
-    check_config(cfg)
-    device = resolve_device(cfg.device)
-    out = out_dir(cfg)
-    check_writable(out, "--out")
-    if needs_download(cfg):
-        check_writable(cache_dir(cfg), "--cache-dir" if cfg.cache_dir else "the weight cache ($VAR_GRPO_CACHE or ~/.cache/var_grpo)")
-    with run_lock(out):
-        return run_grpo(cfg, device, out, open_checkpoint(cfg, out))
+# ----------------------------------------------------------------------------------------------------------
+# D. CUDA graphs (--compile on a GPU): the sampler's per-scale passes replayed without launching each kernel.
+# ----------------------------------------------------------------------------------------------------------
+
+class ScaleGraphs:
+    """--compile on a GPU: each scale's pass through the blocks and the head, captured once as a CUDA graph for one
+    batch size and replayed at every rollout. Otherwise sampling is bound by kernel launches (10 scales x depth blocks
+    x ~30 small kernels: 32 images take about as long as 2). Inputs are copied into the graphs' fixed buffers; the
+    weights are read where they live, so optimizer steps (in place) are seen by the next replay."""
+    def __init__(self, var: VAR, B2: int, device: torch.device):
+        self.cond_2BC = torch.zeros(B2, var.C, device=device)
+        self.x_2BlC = [torch.zeros(B2, pn * pn, var.C, device=device) for pn in var.patch_nums]
+        self.kv_caches = [KVCache(var.L) for _ in var.blocks]  # held here: the graphs write into these buffers
+
+        def run(si):  # autocast's weight cache must be off under capture: every replay casts the current weights
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                return var.scale_logits(self.x_2BlC[si], self.cond_2BC, self.kv_caches, si)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # one eager pass first, as CUDA graph capture requires
+            for si in range(len(var.patch_nums)):
+                run(si)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graphs, self.logits_2BlV, pool = [], [], torch.cuda.graph_pool_handle()
+        for si in range(len(var.patch_nums)):
+            self.graphs.append(torch.cuda.CUDAGraph())
+            with torch.cuda.graph(self.graphs[-1], pool=pool):
+                self.logits_2BlV.append(run(si))
+
+    def replay(self, si: int, x_2BlC, cond_2BC):
+        if si == 0:
+            self.cond_2BC.copy_(cond_2BC)
+        self.x_2BlC[si].copy_(x_2BlC)
+        self.graphs[si].replay()
+        return self.logits_2BlV[si]
 
 
-def run_grpo(cfg: Config, device: torch.device, out: Path, ck: Optional[dict]) -> dict:
-    ckpt_path = out / "checkpoint.pt"
-    if cfg.tiny:
-        print(f"--tiny: the toy world on {cfg.device}: VAR-d{TOY_DEPTH} pretrained on 32 px coloured shapes "
-              f"(notebooks/toy_world.py), fine-tuned for --reward {cfg.reward}.")
-    torch.manual_seed(cfg.seed)
-    vae, var = load_models(cfg, device)
-    reward_fn = build_reward(cfg, device)
-    ref, opt = setup_policy(cfg, var, device)
-    gens = {"class": torch.Generator().manual_seed(cfg.seed),             # which classes each step
-            "sample": torch.Generator(device).manual_seed(cfg.seed + 1),  # which tokens each rollout
-            "shuffle": torch.Generator().manual_seed(cfg.seed + 2)}       # minibatch order
-    pool = parse_classes(cfg.classes, var.num_classes)
-    eval_labels = pool[torch.arange(cfg.num_eval) % len(pool)].to(device)
-    start = 0
-    if ck is not None:
-        var.load_state_dict(ck["model"], strict=cfg.lora_rank == 0)  # LoRA: the adapters; the base came from disk
-        opt.load_state_dict(ck["optimizer"])
-        for name, gen in gens.items():
-            gen.set_state(ck[f"{name}_gen"])
-        start = ck["step"]
-        print(f"resumed {out} at step {start}")
-    (out / "config.json").write_text(json.dumps(vars(cfg), indent=1))
-    metrics_path = out / "metrics.jsonl"
-    records = read_metrics(metrics_path, start) if cfg.resume else []
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    if start == 0:
-        print(f"step 0 evaluation reward {evaluate(var, vae, reward_fn, cfg, device, eval_labels, out / 'eval_step00000.png'):.4f}")
-
-    def save_checkpoint(step: int):
-        atomic_save(dict(model=trained_state_dict(var, cfg), optimizer=opt.state_dict(), step=step, config=vars(cfg),
-                         **{f"{name}_gen": gen.get_state() for name, gen in gens.items()}), ckpt_path)
-
-    stop = []
-
-    def on_ctrl_c(signum, frame):  # the first Ctrl-C lets the step finish; the default handler takes the second
-        stop.append(signum)
-        print("\nCtrl-C: finishing this step, then saving and stopping (Ctrl-C again stops at once, without saving "
-              "this step)", flush=True)
-        signal.signal(signal.SIGINT, previous_handler)
-    previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
-    from tqdm import tqdm
-    weight_L = scale_token_weights(var) if cfg.token_weight == "scale" else None  # None: every token 1/L
-    try:
-        for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="GRPO", dynamic_ncols=True):
-            label_P = pool[torch.randint(len(pool), (cfg.classes_per_step,), generator=gens["class"])]
-            label_B = label_P.repeat_interleave(cfg.group_size).to(device)  # group i: images i*G .. i*G+G-1
-            rec = dict(step=step, **grpo_step(var, ref, vae, reward_fn, opt, label_B, cfg, gens, weight_L))
-            done = step + 1
-            if done % cfg.eval_every == 0 or done == cfg.steps:  # after this step's update: the policy of step `done`
-                rec["eval_reward"] = evaluate(var, vae, reward_fn, cfg, device, eval_labels, out / f"eval_step{done:05d}.png")
-            records.append(rec)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            step_s = rec["time_sample"] + rec["time_reward"] + rec["time_update"]
-            tqdm.write(f"step {step:4d} | reward {rec['reward_mean']:.4f} +- {rec['reward_std']:.4f} | kl {rec['kl']:.2e} | "
-                       f"clip {rec['clip_frac']:.3f} | ratio {rec['ratio_mean']:.4f} | gap {rec['logprob_gap_max']:.1e} | "
-                       f"ent {rec['entropy']:.3f} | grad {rec['grad_norm']:.3f} | div {rec['diversity']:.3f} | "
-                       f"{step_s:.2f}s (sample {rec['time_sample']:.2f} reward {rec['time_reward']:.2f} "
-                       f"update {rec['time_update']:.2f})" + (f" | eval reward {rec['eval_reward']:.4f}" if "eval_reward" in rec else ""))
-            if done % cfg.save_every == 0 or done == cfg.steps or stop:
-                save_checkpoint(done)
-            if stop:
-                break
-    except torch.cuda.OutOfMemoryError as e:
-        raise torch.cuda.OutOfMemoryError(
-            f"{e}\nOut of GPU memory. Lower --micro-batch (memory of an update), --sample-batch (memory of sampling), "
-            f"--classes-per-step or --group-size, add --grad-checkpointing, or train LoRA adapters with --lora-rank 16 "
-            f"(README: memory per depth). Checkpoints already written in {out} are kept.") from None
-    except FloatingPointError as e:
-        raise FloatingPointError(f"{e}. Checkpoints already written in {out} are kept.") from None
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
-    summary = None
-    if stop and cfg.summary_samples > 0:
-        print("stopped by Ctrl-C: no summary.json (resume the run to finish it)")
-    if records and not stop and cfg.summary_samples > 0:
-        if ref is None and cfg.lora_rank == 0:  # beta = 0 kept no copy of the starting policy: load it again
-            ref = load_models(cfg, device)[1]
-        summary = compare_policies(var, ref, vae, reward_fn, load_judge(cfg, device), pool, cfg, device)
-        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    final = out / f"eval_step{cfg.steps:05d}.png"
-    if records and final.exists():
-        save_before_after(out / "eval_step00000.png", final, out / "before_after.png")
-    if records:
-        save_reward_curve(records, out / "reward_curve.png")
-    # official key names (LoRA merged): loads with --var-ckpt, or into the official VAR
-    atomic_save(export_state_dict(var, cfg), out / "var_final.pth")
-    grids = sorted(out.glob("eval_step*.png"))
-    written = [p.name for p in sorted(out.iterdir()) if p.suffix in (".json", ".jsonl", ".png", ".pth", ".pt") and p not in grids]
-    print(f"outputs in {out}: {', '.join(written)}" + (f", {len(grids)} evaluation grids eval_step*.png" if grids else ""))
-    return dict(out=out, records=records, var=var, summary=summary)
+def scale_graphs(var: VAR, B2: int) -> Optional[ScaleGraphs]:
+    """var's CUDA graphs for 2B sequences, captured on first use, if --compile set up that batch size (the rollout's
+    only: each set holds its KV cache for good); None, i.e. sample eagerly, otherwise or with LoRA adapters off."""
+    if var.sampler_graphs is None or B2 not in var.sampler_graphs or any(
+            not m.adapters_on for m in var.modules() if isinstance(m, LoRALinear)):
+        return None
+    if var.sampler_graphs[B2] is None:
+        var.sampler_graphs[B2] = ScaleGraphs(var, B2, var.pos_1LC.device)
+    return var.sampler_graphs[B2]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Benchmark (--bench): whole GRPO steps with random weights at any depth, as train() runs them (the same flags),
+# E. Benchmark (--bench): whole GRPO steps with random weights at any depth, as train() runs them (the same flags),
 # plus sampling and the teacher-forced pass alone. MFU counts the update's matmul FLOPs against a measured matmul.
 # ----------------------------------------------------------------------------------------------------------
 
-def matmul_tflops(device: torch.device, n: int = 8192, repeats: int = 20) -> float:
-    """Measured dense matmul throughput, bf16 on a GPU (fp32 and n = 1024 on a CPU): the denominator of MFU."""
-    if device.type != "cuda":
-        n, repeats = 1024, 3
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    a @ a
+def timed(fn, device: torch.device, repeats: int):
+    """(seconds per call of fn after one warm-up call, fn's last result), waiting for the GPU; peak memory reset."""
+    fn()
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.synchronize(device); torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for _ in range(repeats):
-        a @ a
+        out = fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return 2 * n ** 3 * repeats / (time.perf_counter() - t0) / 1e12
+    return (time.perf_counter() - t0) / repeats, out
 
 
-def update_flops(var: VAR, cfg: Config, n_images: int) -> float:
+def matmul_tflops(device: torch.device) -> float:
+    """Measured dense matmul throughput, bf16 on a GPU (fp32 on a CPU): the denominator of MFU."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return 2 * n ** 3 / timed(lambda: a @ a, device, 20 if device.type == "cuda" else 3)[0] / 1e12
+
+
+def update_flops(var: VAR, args: Config, n_images: int) -> float:
     """Model FLOPs of a step's update phase: every teacher-forced pass's matmuls (2 per weight and token forward,
     4 more backward, or 2 more with LoRA's frozen weights), attention over all L x L pairs as the masked kernel
     computes them; both CFG branches; the no-grad reference (and --old-logprobs recompute) passes."""
     block_weights = sum(m.weight.numel() for b in var.blocks for m in (b.attn.mat_qkv, b.attn.proj, b.ffn.fc1, b.ffn.fc2))
     forward = 2 * var.L * (block_weights + var.C * var.V) + 4 * var.L ** 2 * var.C * var.depth  # one sequence
-    passes = cfg.inner_epochs * (3 if cfg.lora_rank == 0 else 2) + (cfg.beta > 0) + (cfg.old_logprobs == "recompute")
-    return n_images * (1 if cfg.cfg == 0 else 2) * forward * passes
+    passes = args.inner_epochs * (3 if args.lora_rank == 0 else 2) + (args.beta > 0) + (args.old_logprobs == "recompute")
+    return n_images * (1 if args.cfg == 0 else 2) * forward * passes
 
 
-def benchmark(cfg: Config, repeats: int = 3) -> dict:
-    check_config(cfg)
-    device = resolve_device(cfg.device)
-    arch = TOY_ARCH if cfg.tiny else OFFICIAL_ARCH
-    depth = TOY_DEPTH if cfg.tiny else cfg.depth
-    torch.manual_seed(cfg.seed)
+def benchmark(args: Config, repeats: int = 3) -> dict:
+    check_config(args)
+    device = resolve_device(args.device)
+    arch = TOY_ARCH if args.tiny else OFFICIAL_ARCH
+    depth = TOY_DEPTH if args.tiny else args.depth
+    torch.manual_seed(args.seed)
     with torch.device(device):  # random weights, initialised where they run
         vae, var = build_vae(arch), build_var(arch, depth).eval()
-    B = cfg.bench_batch
+    B = args.bench_batch
     labels = torch.arange(B, device=device) % arch["num_classes"]
-    gen = torch.Generator(device).manual_seed(cfg.seed)
-
-    def timed(fn):
-        fn()  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize(device); torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return (time.perf_counter() - t0) / repeats, out
-
-    t_sample, s = timed(lambda: sample(var, vae, labels, cfg=1.5, top_k=900, top_p=0.96, generator=gen))
-    x_BLCv = vae.quantize.tokens_to_var_input(s.tokens)
+    gen = torch.Generator(device).manual_seed(args.seed)
+    t_sample, s = timed(lambda: sample(var, vae, labels, cfg=1.5, top_k=900, top_p=0.96, generator=gen), device, repeats)
+    x_BMCv = vae.quantize.tokens_to_var_input(s.tokens)
 
     def teacher_forced():
         with torch.no_grad(), autocast(device):
-            return var(labels, x_BLCv)
-    t_tf, _ = timed(teacher_forced)
+            return var(labels, x_BMCv)
+    t_tf, _ = timed(teacher_forced, device, repeats)
     result = dict(depth=depth, device=str(device), batch=B, sample_images_per_s=B / t_sample, sample_s=t_sample,
                   teacher_forced_tokens_per_s=B * var.L / t_tf, teacher_forced_s=t_tf,
                   peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
     print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
 
     # whole GRPO steps, as train() runs them: random CLIP of --clip-model (no download) and aesthetic head
-    reward_fn = build_reward(cfg, device, random_weights=True)
-    ref, opt = setup_policy(cfg, var, device)
-    gens = {"class": torch.Generator().manual_seed(cfg.seed), "sample": torch.Generator(device).manual_seed(cfg.seed + 1),
-            "shuffle": torch.Generator().manual_seed(cfg.seed + 2)}
-    weight_L = scale_token_weights(var) if cfg.token_weight == "scale" else None
-    n_images = cfg.classes_per_step * cfg.group_size
+    reward_fn = build_reward(args, device, random_weights=True)
+    ref, opt = setup_policy(args, var, device)
+    gens = {"class": torch.Generator().manual_seed(args.seed), "sample": torch.Generator(device).manual_seed(args.seed + 1),
+            "shuffle": torch.Generator().manual_seed(args.seed + 2)}
+    weight_L = scale_token_weights(var) if args.token_weight == "scale" else None
+    n_images = args.classes_per_step * args.group_size
     records = []
     for i in range(1 + repeats):  # the first step warms up (and compiles, with --compile)
-        label_B = torch.randint(var.num_classes, (cfg.classes_per_step,), generator=gens["class"])
+        label_B = torch.randint(var.num_classes, (args.classes_per_step,), generator=gens["class"])
         t0 = time.perf_counter()
-        rec = grpo_step(var, ref, vae, reward_fn, opt, label_B.repeat_interleave(cfg.group_size).to(device), cfg, gens, weight_L)
+        rec = grpo_step(var, ref, vae, reward_fn, opt, label_B.repeat_interleave(args.group_size).to(device), args, gens, weight_L)
         if i == 0:
             result["first_step_s"] = time.perf_counter() - t0
         else:
             records.append(rec)
     mean = lambda key: float(np.mean([r[key] for r in records]))
     step_s = mean("time_sample") + mean("time_reward") + mean("time_update")
-    flops = update_flops(var, cfg, n_images)
+    flops = update_flops(var, args, n_images)
     peak = matmul_tflops(device)
     result.update(step_images=n_images, step_s=step_s, step_sample_s=mean("time_sample"), step_reward_s=mean("time_reward"),
                   step_update_s=mean("time_update"), step_images_per_s=n_images / step_s,
@@ -1983,23 +2053,6 @@ def benchmark(cfg: Config, repeats: int = 3) -> dict:
           f"{result['peak_gpu_mem_gb_update']:.1f})" if device.type == "cuda" else "")
           + f"; first step {result['first_step_s']:.1f} s")
     return result
-
-
-# ----------------------------------------------------------------------------------------------------------
-# main
-# ----------------------------------------------------------------------------------------------------------
-
-def main(argv: Optional[List[str]] = None):
-    cfg = parse_config(argv)
-    try:
-        return benchmark(cfg) if cfg.bench else train(cfg)
-    except (ValueError, OSError, WeightsError, FloatingPointError) as e:  # OSError: a file could not be written
-        raise SystemExit(f"error: {e}") from None
-    except KeyboardInterrupt:  # before training started, or a second Ctrl-C during it
-        if not cfg.bench:
-            print(f"\nstopped at once by Ctrl-C; checkpoints already in {out_dir(cfg)} are kept (--resume continues "
-                  f"from the last one)", file=sys.stderr)
-        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -280,8 +280,9 @@ def sample_accuracy(var, vae, judge, n: int, cfg: float, seed: int, batch: int =
     return sum(hits) / n
 
 
-def show(images_B3HW, titles=(), columns=None, size=1.2):
-    """Images (B, 3, H, W) in [0, 1] in a matplotlib grid (for the notebooks; matplotlib is a notebook-only extra)."""
+def show(images_B3HW, titles=(), columns=None, size=2.2):
+    """Images (B, 3, H, W) in [0, 1] in a matplotlib grid, size inches each: the one image grid all the notebooks
+    use (matplotlib is a notebook-only extra)."""
     import matplotlib.pyplot as plt
     B = len(images_B3HW)
     columns = columns or B
@@ -291,7 +292,7 @@ def show(images_B3HW, titles=(), columns=None, size=1.2):
         ax.axis("off")
     for ax, img, title in zip(axes.flat, images_B3HW, list(titles) + [""] * B):
         ax.imshow(img.detach().float().permute(1, 2, 0).clamp(0, 1).cpu().numpy(), interpolation="nearest")
-        ax.set_title(title, fontsize=8)
+        ax.set_title(title, fontsize=9)
     plt.tight_layout()
     plt.show()
 
