@@ -885,6 +885,14 @@ def test_one_run_per_out_directory(tmp_path, monkeypatch):
     assert vg.train(tiny_cfg(out, steps=1, group_size=2, micro_batch=2, summary_samples=0))["records"]
 
 
+def test_a_file_system_without_locks_warns_and_runs(tmp_path, monkeypatch, capsys):
+    import errno, fcntl
+    monkeypatch.setattr(fcntl, "flock", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOLCK, "No locks available")))
+    with vg.run_lock(tmp_path):
+        pass
+    assert f"warning: cannot lock {tmp_path / '.lock'} (No locks available)" in capsys.readouterr().err
+
+
 def test_resume_refuses_settings_that_would_not_apply(tmp_path):
     kw = dict(steps=1, group_size=2, micro_batch=2, summary_samples=0)
     vg.train(tiny_cfg(tmp_path / "r", **kw))

@@ -1765,6 +1765,8 @@ def run_lock(out: Path):
             f.seek(0)
             raise ValueError(f"{out} is in use by another run (process {f.read().strip() or 'unknown'}); wait for it "
                              f"to finish or stop it, or choose another --out") from None
+        except OSError as e:  # a file system without locks (some network mounts): run, but say so
+            print(f"warning: cannot lock {out / '.lock'} ({e.strerror}); make sure no other run uses {out}", file=sys.stderr)
         f.truncate(0)
         f.write(str(os.getpid()))
         f.flush()
