@@ -1084,15 +1084,15 @@ def grpo_step(var: VAR, ref: Optional[VAR], vae: VQVAE, reward_fn, opt, label_B,
     mb_size = n_images // args.minibatches
     peak_gb = {}
 
-    def end_of_phase(name: str) -> float:  # wait for the GPU, so that each phase is timed and measured on its own
+    def end_of_phase(name: Optional[str]) -> float:  # wait for the GPU: each phase is timed and measured on its own
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-            peak_gb[name] = torch.cuda.max_memory_allocated(device) / 2**30
+            if name is not None:
+                peak_gb[name] = torch.cuda.max_memory_allocated(device) / 2**30
             torch.cuda.reset_peak_memory_stats(device)
         return time.perf_counter()
 
-    end_of_phase("before")
-    t0 = time.perf_counter()
+    t0 = end_of_phase(None)  # what ran before this step (an evaluation, a save) is not the step's
     # 4. rollout: P classes x G images from the current policy, with each token's log-prob
     var.eval()
     roll = sample_in_chunks(var, vae, label_B, args.sample_batch, args.cfg, args.temperature, 0, 0.0, gens["sample"],
@@ -1175,6 +1175,13 @@ def grpo_step(var: VAR, ref: Optional[VAR], vae: VQVAE, reward_fn, opt, label_B,
     return rec
 
 
+def random_streams(seed: int, device: torch.device) -> dict:
+    """The run's three random streams, saved in every checkpoint so that a resumed run draws what it would have."""
+    return {"class": torch.Generator().manual_seed(seed),             # which classes each step
+            "sample": torch.Generator(device).manual_seed(seed + 1),  # which tokens each rollout
+            "shuffle": torch.Generator().manual_seed(seed + 2)}       # minibatch order
+
+
 def evaluate(var, vae, reward_fn, args: Config, device, eval_labels, path: Path) -> float:
     """Images at fixed (class, seed) pairs, the same at every evaluation, saved as a grid; returns their mean reward."""
     var.eval()
@@ -1240,9 +1247,7 @@ def run_grpo(args: Config, device: torch.device, out: Path, ck: Optional[dict]) 
     vae, var = load_models(args, device)
     reward_fn = build_reward(args, device)
     ref, opt = setup_policy(args, var, device)
-    gens = {"class": torch.Generator().manual_seed(args.seed),             # which classes each step
-            "sample": torch.Generator(device).manual_seed(args.seed + 1),  # which tokens each rollout
-            "shuffle": torch.Generator().manual_seed(args.seed + 2)}       # minibatch order
+    gens = random_streams(args.seed, device)
     pool = parse_classes(args.classes, var.num_classes)
     eval_labels = pool[torch.arange(args.num_eval) % len(pool)].to(device)
     weight_L = scale_token_weights(var) if args.token_weight == "scale" else None  # None: every token 1/L
@@ -2023,8 +2028,7 @@ def benchmark(args: Config, repeats: int = 3) -> dict:
     # whole GRPO steps, as train() runs them: random CLIP of --clip-model (no download) and aesthetic head
     reward_fn = build_reward(args, device, random_weights=True)
     ref, opt = setup_policy(args, var, device)
-    gens = {"class": torch.Generator().manual_seed(args.seed), "sample": torch.Generator(device).manual_seed(args.seed + 1),
-            "shuffle": torch.Generator().manual_seed(args.seed + 2)}
+    gens = random_streams(args.seed, device)
     weight_L = scale_token_weights(var) if args.token_weight == "scale" else None
     n_images = args.classes_per_step * args.group_size
     records = []
