@@ -1073,7 +1073,7 @@ def test_tiny_lora_run_learns_resumes_and_exports(tmp_path):
 
 
 def test_sampler_graphs_only_for_the_rollout_batch_and_never_with_adapters_off(tiny, monkeypatch):
-    """--compile captures CUDA graphs (GPU only; their replay was checked on an H200 to draw the same tokens as the
+    """--cuda-graphs captures CUDA graphs (GPU only; their replay was checked on an H200 to draw the same tokens as the
     eager sampler). Here the rule of which batches use them: the rollout's size only, and never the starting policy
     that LoRA's switched-off adapters give (a graph replays the weights it captured, adapters included)."""
     _, var = tiny
@@ -1085,7 +1085,31 @@ def test_sampler_graphs_only_for_the_rollout_batch_and_never_with_adapters_off(t
     assert vg.scale_graphs(model, 16) is None  # an evaluation batch: eager
     with vg.starting_policy(model, None) as start:
         assert vg.scale_graphs(start, 32) is None
-    assert captured == [32] and vg.scale_graphs(var, 32) is None  # captured once; without --compile never
+    assert captured == [32] and vg.scale_graphs(var, 32) is None  # captured once; without --cuda-graphs never
+
+
+def test_compile_is_on_by_default_and_without_triton_the_blocks_run_eagerly_with_a_note(tiny, monkeypatch, capsys):
+    """--compile (the default; GPU only, so a CPU run compiles nothing) wraps every block of the policy and of the
+    reference copy, and turns on inductor's emulation of eager's bf16 rounding, on which the sampler-vs-update
+    log-prob agreement rests. Where triton is missing (this CPU build of torch) it says so and keeps the blocks eager."""
+    import torch._inductor.config as inductor_config
+    import torch.utils._triton
+    assert vg.Config().compile and not vg.Config().cuda_graphs
+    _, var = tiny
+    policy, ref = copy.deepcopy(var), copy.deepcopy(var)
+    vg.setup_policy(vg.Config(tiny=True), policy, torch.device("cpu"))
+    assert policy.compiled_blocks is None and policy.sampler_graphs is None
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
+    vg.compile_blocks([policy, ref])
+    assert policy.compiled_blocks is None and ref.compiled_blocks is None and "--no-compile" in capsys.readouterr().err
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
+    monkeypatch.setattr(inductor_config, "emulate_precision_casts", False)
+    monkeypatch.setattr(torch, "compile", lambda block: ("compiled", block))
+    vg.compile_blocks([policy, ref])
+    assert inductor_config.emulate_precision_casts and capsys.readouterr().err == ""
+    for model in (policy, ref):
+        assert model.compiled_blocks == [("compiled", block) for block in model.blocks]
+        assert set(model.state_dict()) == set(var.state_dict())  # checkpoints keep the official keys
 
 
 def test_chunked_rollouts_train_like_whole_ones(tmp_path):
