@@ -57,7 +57,7 @@ the released checkpoints' attention (attn_l2_norm=True, shared_aln=False) is imp
 
 Reading order: Config | Tokenizer (step 1) | Transformer (step 2) | Sampling (step 3) | Rewards (step 5) | GRPO
 (steps 6-7) | What is trained (step 8) | The training loop (steps 4-8) | main, then an APPENDIX of plumbing: A
-weights, B command line and validation, C run directory, D CUDA graphs, E benchmark.
+weights, B command line and validation, C run directory, D compilation and CUDA graphs, E benchmark.
 """
 from __future__ import annotations
 
