@@ -1,28 +1,38 @@
 """
-toy_world.py -- a world of coloured shapes, and how VAR is pretrained on it, from scratch, on a CPU.
+toy_world.py -- a world of coloured shapes, how VAR is pretrained on it, and the reward models that judge it, all
+from scratch on a CPU.
 
 The official VAR was pretrained on ImageNet for days on many GPUs; nobody can watch that on a laptop. This file
 builds a world small enough to pretrain in minutes on 2 CPU cores, with the very classes of var_grpo.py, so that
 `python var_grpo.py --tiny` fine-tunes a model that really draws something, and a student sees GRPO change it.
 
   1. The world. 32 x 32 images, one shape of 10 classes (circle, square, ...) on a plain dark grey background; its
-     position, size and colour (one of 8) vary at random. Drawn in code from a seed: no downloads, unlimited data.
+     position, size and colour vary at random. Drawn in code from a seed: no downloads, unlimited data. It comes in
+     two sizes: the narrow world, 8 palette colours, which VAR is pretrained on; the broad world, 3 colours more
+     (white, lime, brown), which the tokenizer and CLIP see. So CLIP knows colours that VAR never saw, as the real
+     CLIP knows "ukiyo-e" and ImageNet barely contains it.
   2. The judge. A small CNN (var_grpo.ShapeJudge) that names the shape from its silhouette; it tells us whether a
      sample is of its class (class accuracy) without any human looking.
-  3. Stage 1, the tokenizer: the multi-scale residual VQ-VAE (var_grpo.VQVAE). For k = 1..K
+  3. Stage 1, the tokenizer: the multi-scale residual VQ-VAE (var_grpo.VQVAE), on the broad world. For k = 1..K
          r_k = argmin_v || area_down(f - f_hat, h_k) - e_v ||,   f_hat += phi_k(bicubic_up(e[r_k]))
-     trained with   L = || x - D(f_st) ||^2 + (1/K) sum_k ( || f_hat_k - sg(f) ||^2 + beta || sg(f_hat_k) - f ||^2 )
+     trained with   Loss = || x - D(f_st) ||^2 + (1/K) sum_k ( || f_hat_k - sg(f) ||^2 + 0.25 || sg(f_hat_k) - f ||^2 )
      where f_hat_k is f_hat after k scales (the codebook and phi terms pull it towards the encoder's f, the
-     commitment term pulls f towards it) and f_st = f + sg(f_hat - f) is the straight-through estimator: the decoder
-     sees the quantised latent, the encoder receives the decoder's gradient as if quantisation were the identity.
-  4. Stage 2, the transformer: VAR (var_grpo.VAR) on the frozen tokenizer's token maps, teacher forced:
-         L = - (1/L) sum_t log p_theta(r_t | r_<scale(t), c),   c dropped to the null class with probability 0.1
-     The dropout teaches the null-class distribution p(. | null) that classifier-free guidance subtracts.
-  5. Export: plain state_dicts with the official key names, in fp16 (half the bytes), which var_grpo.py loads with
+     commitment term, weight 0.25, pulls f towards it) and f_st = f + sg(f_hat - f) is the straight-through
+     estimator: the decoder sees the quantised latent, the encoder receives the decoder's gradient as if quantisation
+     were the identity.
+  4. Stage 2, the transformer: VAR (var_grpo.VAR) on the frozen tokenizer's token maps of the narrow world, teacher
+     forced:   Loss = - (1/L) sum_t log p_theta(r_t | r_<scale(t), c),   c dropped to the null class with probability
+     0.1. The dropout teaches the null-class distribution p(. | null) that classifier-free guidance subtracts.
+  5. The reward models. A toy CLIP (an open_clip model of var_grpo.TOY_CLIP_CONFIG), trained contrastively on broad
+     images and captions made from their attributes ("a large white star on the left"); and a toy aesthetic head
+     (var_grpo.AestheticHead, the LAION head's layers) on its image embeddings, trained to predict a rule: people
+     like large shapes near the centre (aesthetic_rating).
+  6. Export: plain state_dicts with the official key names, in fp16 (half the bytes), which var_grpo.py loads with
      strict=True for --tiny, and training.json with the command, seed, CPU minutes and quality. Every quality figure
      is measured on the exported weights as var_grpo.py loads them.
 
-Run from the repository root:  python notebooks/toy_world.py  (rebuilds notebooks/toy/; --quick: a smoke run)
+Run from the repository root:  python notebooks/toy_world.py  (rebuilds notebooks/toy/; --quick: a smoke run into a
+temporary directory)
 """
 from __future__ import annotations
 
@@ -31,6 +41,7 @@ import json
 import math
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -78,30 +89,29 @@ def inside(shape: str, u, v):
     raise ValueError(shape)
 
 
-def hsv_to_rgb(h_B, s_B, v_B):
-    """Colour from hue, saturation, value in [0, 1]. (B, 3)"""
-    k_B3 = (torch.tensor([5.0, 3.0, 1.0]) + h_B[:, None] * 6) % 6
-    return v_B[:, None] - (v_B * s_B)[:, None] * torch.minimum(k_B3, 4 - k_B3).clamp(0, 1)
+# The narrow world, which VAR is pretrained on: the 8 colours of vg.TOY_PALETTE, equally likely, so a pretrained
+# model draws one shape in eight red. The broad world, which the tokenizer and the toy CLIP see, adds colours
+# outside that palette (white, lime, brown): what "ukiyo-e" is to ImageNet, a style the VAR's pretraining never
+# showed it. The background is one fixed grey: with a random grey level, 900-step trials of this autoencoder
+# (quantiser off) reached 17.8-19.0 dB PSNR, against 21.1 dB with the fixed background.
+COLOURS, PALETTE = tuple(vg.TOY_COLOURS), vg.TOY_PALETTE
+NEW_COLOURS = COLOURS[len(PALETTE):]
+COLOURS_RGB = torch.tensor(list(vg.TOY_COLOURS.values()))
+BACKGROUND = 0.25  # every colour differs from this grey by > 0.3 in some channel
 
 
-# red, orange, yellow, green, cyan, blue, purple, pink: hues of saturation 0.85 and value 0.9, equally likely, so a
-# pretrained model draws one shape in eight red. The background is one fixed grey: with a random grey level, 900-step
-# trials of this autoencoder (quantiser off) reached 17.8-19.0 dB PSNR, against 21.1 dB with the fixed background.
-PALETTE = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
-PALETTE_RGB = hsv_to_rgb(torch.tensor([0, 1 / 12, 1 / 6, 1 / 3, 1 / 2, 2 / 3, 3 / 4, 5 / 6]), torch.full((8,), 0.85),
-                         torch.full((8,), 0.9))
-BACKGROUND = 0.25  # every palette colour differs from this grey by > 0.4 in some channel
-
-
-def draw(label_B, generator: torch.Generator, colour_B=None, size: int = IMAGE_SIZE, supersample: int = 4):
-    """Images of the given classes, (B, 3, size, size) in [0, 1], and their true attributes. Random per image:
-    radius 6..12 px, a centre that keeps the shape 1 px off the border, one of the 8 palette colours (unless
-    colour_B gives their indices)."""
+def draw(label_B, generator: torch.Generator, colour_B=None, broad: bool = False, radius_B=None, centre_B2=None,
+         size: int = IMAGE_SIZE, supersample: int = 4):
+    """Images of the given classes, (B, 3, size, size) in [0, 1], and their true attributes. Random per image unless
+    given: the radius (6..12 px), the centre (x, y; the shape stays 1 px off the border), and the colour: one of the 8
+    of the palette, or with broad=True one of all COLOURS (colour_B: indices into COLOURS)."""
     B = len(label_B)
-    rand = lambda lo, hi: lo + (hi - lo) * torch.rand(B, generator=generator)
-    radius = rand(6, 12)
+    radius = 6 + 6 * torch.rand(B, generator=generator)
     cx, cy = (radius + 1 + (size - 2 * radius - 2) * torch.rand(B, generator=generator) for _ in range(2))
-    colour = torch.randint(len(PALETTE), (B,), generator=generator) if colour_B is None else colour_B
+    colour = torch.randint(len(COLOURS if broad else PALETTE), (B,), generator=generator)
+    radius = radius if radius_B is None else radius_B
+    cx, cy = (cx, cy) if centre_B2 is None else centre_B2.unbind(1)
+    colour = colour if colour_B is None else colour_B
     n = size * supersample
     grid = (torch.arange(n) + 0.5) / supersample  # sub-pixel centres, in pixels
     u = (grid.view(1, 1, n) - cx.view(B, 1, 1)) / radius.view(B, 1, 1)
@@ -112,14 +122,14 @@ def draw(label_B, generator: torch.Generator, colour_B=None, size: int = IMAGE_S
         if rows.any():
             mask_BNN[rows] = inside(shape, u[rows].expand(-1, n, n), v[rows].expand(-1, n, n)).float()
     mask_B1HW = F.avg_pool2d(mask_BNN.unsqueeze(1), supersample)
-    images = BACKGROUND * (1 - mask_B1HW) + PALETTE_RGB[colour].view(B, 3, 1, 1) * mask_B1HW
+    images = BACKGROUND * (1 - mask_B1HW) + COLOURS_RGB[colour].view(B, 3, 1, 1) * mask_B1HW
     return images, dict(label=label_B, radius=radius, cx=cx, cy=cy, colour=colour, area=mask_B1HW.mean((1, 2, 3)))
 
 
-def draw_batch(batch: int, generator: torch.Generator):
-    """A batch of random classes and their images in [0, 1]."""
+def draw_batch(batch: int, generator: torch.Generator, broad: bool = False):
+    """A batch of random classes and their images in [0, 1] (of the broad world with broad=True)."""
     label_B = torch.randint(len(SHAPES), (batch,), generator=generator)
-    return label_B, draw(label_B, generator)[0]
+    return label_B, draw(label_B, generator, broad=broad)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -163,7 +173,7 @@ def accuracy(judge, images_B3HW, label_B) -> float:
 # tokenizer is not known to need it).
 # ----------------------------------------------------------------------------------------------------------
 
-def quantize_for_training(quant: vg.MultiScaleQuantizer, f_BChw, beta: float = 0.25):
+def quantize_for_training(quant: vg.MultiScaleQuantizer, f_BChw, commitment: float = 0.25):
     """f_st (straight-through f_hat), the VQ loss, and how often each code was chosen. (B, C, h, w), (), (V,)"""
     f_rest, f_hat = f_BChw.detach().clone(), torch.zeros_like(f_BChw)
     hits_V = torch.zeros(quant.embedding.num_embeddings)
@@ -174,7 +184,7 @@ def quantize_for_training(quant: vg.MultiScaleQuantizer, f_BChw, beta: float = 0
         f_hat = f_hat + h_BChw
         f_rest = f_rest - h_BChw.detach()
         hits_V += idx_Bl.flatten().bincount(minlength=len(hits_V))
-        vq_loss = vq_loss + F.mse_loss(f_hat, f_BChw.detach()) + beta * F.mse_loss(f_hat.detach(), f_BChw)
+        vq_loss = vq_loss + F.mse_loss(f_hat, f_BChw.detach()) + commitment * F.mse_loss(f_hat.detach(), f_BChw)
     return f_BChw + (f_hat - f_BChw).detach(), vq_loss / len(quant.patch_nums), hits_V
 
 
@@ -187,7 +197,7 @@ def train_vae(steps: int, generator: torch.Generator, batch: int = 8, lr: float 
     for step in range(steps):
         for g in opt.param_groups:  # cosine decay to 0
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        _, images = draw_batch(batch, generator)
+        _, images = draw_batch(batch, generator, broad=True)  # the tokenizer must express every colour CLIP knows
         x_B3HW = images * 2 - 1                                       # the VQ-VAE works in [-1, 1]
         f_BChw = vae.quant_conv(vae.encoder(x_B3HW))
         f_st, vq_loss, hits = quantize_for_training(vae.quantize, f_BChw)
@@ -298,7 +308,149 @@ def show(images_B3HW, titles=(), columns=None, size=2.2):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. Export, and the whole recipe
+# 5. The rewards' models: a toy CLIP and a toy aesthetic head, the two learned rewards of the paper in miniature.
+# The toy CLIP is an open_clip model (var_grpo.TOY_CLIP_CONFIG) trained contrastively on broad-world images and
+# captions made from their attributes ("a large white star on the left"), so it knows colours the VAR never saw.
+# The aesthetic head is var_grpo.AestheticHead (the LAION head's layers) on its image embeddings, trained to
+# predict a rating from a stated rule: people like large shapes near the centre.
+# ----------------------------------------------------------------------------------------------------------
+
+SIZES = ("small", "medium", "large")                                          # radius < 8, 8..10, > 10 px
+PLACES = ("in the centre", "on the left", "on the right", "at the top", "at the bottom")
+
+
+def caption_attributes(attrs: dict) -> dict:
+    """The words a caption may use, as class indices per image: shape, colour, size, place. {family: (B,)}"""
+    dx, dy = attrs["cx"] - IMAGE_SIZE / 2, attrs["cy"] - IMAGE_SIZE / 2
+    side = torch.where(dx.abs() >= dy.abs(), torch.where(dx < 0, 1, 2), torch.where(dy < 0, 3, 4))
+    return dict(shape=attrs["label"], colour=attrs["colour"], size=torch.bucketize(attrs["radius"], torch.tensor([8.0, 10.0])),
+                place=torch.where(torch.hypot(dx, dy) < 4, 0, side))
+
+
+def captions(words: dict, generator: torch.Generator):
+    """One caption per image naming a random subset of its attributes, e.g. "a white shape", "a large circle on the
+    left"; and which images each caption is true of. (list of B strings, (B, B) bool: [i, j] = caption j fits image i)"""
+    B = len(words["shape"])
+    said = {f: torch.rand(B, generator=generator) < p for f, p in (("shape", 0.7), ("colour", 0.7), ("size", 0.4), ("place", 0.4))}
+    fits_BB = torch.ones(B, B, dtype=torch.bool)
+    for f, v in words.items():
+        fits_BB &= ~said[f].view(1, B) | (v.view(B, 1) == v.view(1, B))
+    texts = []
+    for i in range(B):
+        parts = ["a", SIZES[words["size"][i]] if said["size"][i] else "", COLOURS[words["colour"][i]] if said["colour"][i] else "",
+                 SHAPES[words["shape"][i]] if said["shape"][i] else "shape", PLACES[words["place"][i]] if said["place"][i] else ""]
+        texts.append(" ".join(filter(None, parts)))
+    return texts, fits_BB
+
+
+def aesthetic_rating(attrs: dict):
+    """The toy world's taste, the rule the aesthetic head learns: 1 + 4.5 * size + 4.5 * centredness, in [1, 10], with
+    size = (radius - 6) / 6 and centredness = 1 - (distance of the shape's centre from the image's) / 12. (B,)"""
+    distance = torch.hypot(attrs["cx"] - IMAGE_SIZE / 2, attrs["cy"] - IMAGE_SIZE / 2)
+    return 1 + 4.5 * (attrs["radius"] - 6) / 6 + 4.5 * (1 - distance / 12).clamp(0, 1)
+
+
+def as_generated(images_B3HW, vae: vg.VQVAE, generator: torch.Generator):
+    """What the rewards will see: three quarters of the images roughened (blur, noise), a quarter passed through the
+    VQ-VAE, as every VAR sample is."""
+    rough = roughen(images_B3HW, generator)
+    cut = len(images_B3HW) * 3 // 4
+    with torch.no_grad():
+        rough[cut:] = vae.tokens_to_img(vae.img_to_tokens(images_B3HW[cut:] * 2 - 1)).add(1).div(2)
+    return rough
+
+
+def clip_image_embeddings(clip, images_B3HW):
+    """L2-normalised image embeddings, through var_grpo's own preprocessing, as the reward computes them. (B, D)"""
+    pp = clip.visual.preprocess_cfg
+    return F.normalize(clip.encode_image(vg.clip_preprocess(images_B3HW, IMAGE_SIZE, pp["mean"], pp["std"])), dim=-1)
+
+
+def new_clip():
+    """A toy CLIP with random weights (open_clip would warn that no pretrained weights were loaded: that is the point)."""
+    import logging, open_clip
+    logging.disable(logging.WARNING)
+    try:
+        return open_clip.create_model(vg.register_toy_clip())
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def train_clip(vae: vg.VQVAE, steps: int, generator: torch.Generator, batch: int = 128, lr: float = 2e-3, log=print):
+    """The toy CLIP, trained with the symmetric contrastive loss; a caption that fits several images of the batch
+    ("a white shape") counts them all as positives, with equal weight."""
+    import open_clip
+    torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+    clip, tokenizer = new_clip(), open_clip.get_tokenizer(vg.TOY_CLIP)
+    opt = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.1)
+    warmup, losses = max(1, steps // 20), []
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        label_B = torch.randint(len(SHAPES), (batch,), generator=generator)
+        images, attrs = draw(label_B, generator, broad=True)
+        texts, fits_BB = captions(caption_attributes(attrs), generator)
+        img_BD = clip_image_embeddings(clip, as_generated(images, vae, generator))
+        txt_BD = F.normalize(clip.encode_text(tokenizer(texts)), dim=-1)
+        logits_BB = clip.logit_scale.exp() * img_BD @ txt_BD.T            # [i, j]: image i against caption j
+        target = fits_BB.float()
+        loss = (F.cross_entropy(logits_BB, target / target.sum(1, keepdim=True))
+                + F.cross_entropy(logits_BB.T, (target / target.sum(0, keepdim=True)).T)) / 2
+        opt.zero_grad(); loss.backward(); opt.step()
+        with torch.no_grad():
+            clip.logit_scale.clamp_(0, math.log(100))
+        losses.append(loss.item())
+        if step % 200 == 0 or step == steps - 1:
+            log(f"clip step {step:5d} | contrastive loss {loss.item():.4f} | temperature {clip.logit_scale.exp().item():.1f}")
+    return clip.eval().requires_grad_(False), losses
+
+
+@torch.no_grad()
+def clip_accuracy(clip, images_B3HW, attrs: dict) -> dict:
+    """Zero-shot accuracy of the toy CLIP: for each image, the prompt of highest cosine among "a circle", "a square",
+    ... (shape); among "a red shape", ..., "a brown shape" (colour, all 11); and the colour on the images of a colour
+    the VAR never saw (new_colour)."""
+    import open_clip
+    tokenizer = open_clip.get_tokenizer(vg.TOY_CLIP)
+    img_BD = clip_image_embeddings(clip, images_B3HW)
+    pick = lambda prompts: (img_BD @ F.normalize(clip.encode_text(tokenizer(prompts)), dim=-1).T).argmax(-1)
+    shape_hit = pick([f"a {s}" for s in SHAPES]) == attrs["label"]
+    colour_hit = pick([f"a {c} shape" for c in COLOURS]) == attrs["colour"]
+    new = attrs["colour"] >= len(PALETTE)
+    return dict(shape=shape_hit.float().mean().item(), colour=colour_hit.float().mean().item(),
+                new_colour=colour_hit[new].float().mean().item())
+
+
+def train_aesthetic(clip, vae: vg.VQVAE, steps: int, generator: torch.Generator, batch: int = 128, lr: float = 1e-3,
+                    log=print):
+    """The toy aesthetic head: AestheticHead on the frozen toy CLIP's image embeddings, regressed on the rating rule."""
+    head = vg.AestheticHead(vg.TOY_CLIP_CONFIG["embed_dim"])
+    opt = torch.optim.AdamW(head.parameters(), lr=lr)
+    losses = []
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        label_B = torch.randint(len(SHAPES), (batch,), generator=generator)
+        images, attrs = draw(label_B, generator, broad=True)
+        with torch.no_grad():
+            emb_BD = clip_image_embeddings(clip, as_generated(images, vae, generator))
+        loss = F.mse_loss(head(emb_BD), aesthetic_rating(attrs))
+        opt.zero_grad(); loss.backward(); opt.step()
+        losses.append(loss.item())
+        if step % 200 == 0 or step == steps - 1:
+            log(f"aesthetic step {step:5d} | mse {loss.item():.4f}")
+    return head.eval().requires_grad_(False), losses
+
+
+@torch.no_grad()
+def aesthetic_correlation(clip, head, images_B3HW, attrs: dict) -> float:
+    """Pearson correlation of the head's scores with the rule's ratings."""
+    score_B, rating_B = head(clip_image_embeddings(clip, images_B3HW)), aesthetic_rating(attrs)
+    return torch.corrcoef(torch.stack((score_B, rating_B)))[0, 1].item()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. Export, and the whole recipe
 # ----------------------------------------------------------------------------------------------------------
 
 def export(model: nn.Module, path: Path):
@@ -312,23 +464,35 @@ def reload(model: nn.Module, path: Path) -> nn.Module:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Pretrain the toy world's judge, VQ-VAE and VAR from scratch.")
+    parser = argparse.ArgumentParser(description="Pretrain the toy world's judge, VQ-VAE, VAR, CLIP and aesthetic head "
+                                                 "from scratch.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--judge-steps", type=int, default=800)
     parser.add_argument("--vae-steps", type=int, default=4000)
-    parser.add_argument("--var-steps", type=int, default=4000)
-    parser.add_argument("--out", default=str(TOY_DIR), help="where the weights and their README go")
-    parser.add_argument("--quick", action="store_true", help="a smoke run of 20 steps per stage")
+    parser.add_argument("--var-steps", type=int, default=6000)
+    parser.add_argument("--clip-steps", type=int, default=800)
+    parser.add_argument("--aesthetic-steps", type=int, default=600)
+    parser.add_argument("--out", default="", help=f"where the weights go (default {TOY_DIR}, the shipped ones)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run of 20 steps per stage, into a new temporary "
+                                                             "directory unless --out is given")
     args = parser.parse_args(argv)
     if args.quick:
-        args.judge_steps = args.vae_steps = args.var_steps = 20
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+        args.judge_steps = args.vae_steps = args.var_steps = args.clip_steps = args.aesthetic_steps = 20
+    import tempfile
+    out = Path(args.out or (tempfile.mkdtemp(prefix="toy_world_quick_") if args.quick else TOY_DIR))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "training.json.tmp").write_text("")
+        (out / "training.json.tmp").unlink()
+    except OSError as e:
+        raise SystemExit(f"error: --out {out}: cannot write there ({e.strerror or e}); choose a directory you can write to")
+    print(f"writing the toy world's weights to {out}")
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     held_out = torch.Generator().manual_seed(10_000 + args.seed)  # images no stage ever trained on
     test_labels = torch.arange(1000) % len(SHAPES)
     test_images = draw(test_labels, held_out)[0]
+    broad_images, broad_attrs = draw(test_labels, held_out, broad=True)
     times, report = {}, {}
 
     t0 = time.time()
@@ -345,7 +509,9 @@ def main(argv=None):
     times["vae"] = time.time() - t0
     with torch.no_grad():
         recon = vae.tokens_to_img(vae.img_to_tokens(test_images * 2 - 1)).add(1).div(2)
+        broad_recon = vae.tokens_to_img(vae.img_to_tokens(broad_images * 2 - 1)).add(1).div(2)
     report["vae_psnr_db"] = psnr_db(vae, test_images)
+    report["vae_psnr_db_broad"] = psnr_db(vae, broad_images)
     report["judge_accuracy_reconstructed"] = accuracy(judge, recon, test_labels)
 
     t0 = time.time()
@@ -355,12 +521,33 @@ def main(argv=None):
     times["var"] = time.time() - t0
     for cfg in (0.0, 1.5, 3.0):
         report[f"sample_accuracy_cfg{cfg}"] = sample_accuracy(var, vae, judge, 1000, cfg, seed=1)
+    with torch.no_grad():
+        colours = vg.toy_colour_of(vg.sample(var, vae, test_labels, 1.5, generator=torch.Generator().manual_seed(1)).image)
+    for name in NEW_COLOURS:  # it never saw them
+        report[f"sample_share_{name}"] = (colours == COLOURS.index(name)).float().mean().item()
+
+    t0 = time.time()
+    clip, _ = train_clip(vae, args.clip_steps, gen)
+    export(clip, out / "clip.pth")
+    clip = reload(new_clip(), out / "clip.pth")
+    times["clip"] = time.time() - t0
+    for name, images in (("drawn", broad_images), ("reconstructed", broad_recon)):
+        report.update({f"clip_accuracy_{k}_{name}": v for k, v in clip_accuracy(clip, images, broad_attrs).items()})
+
+    t0 = time.time()
+    head, _ = train_aesthetic(clip, vae, args.aesthetic_steps, gen)
+    export(head, out / "aesthetic.pth")
+    head = reload(vg.AestheticHead(vg.TOY_CLIP_CONFIG["embed_dim"]), out / "aesthetic.pth")
+    times["aesthetic"] = time.time() - t0
+    report["aesthetic_correlation_drawn"] = aesthetic_correlation(clip, head, broad_images, broad_attrs)
+    report["aesthetic_correlation_reconstructed"] = aesthetic_correlation(clip, head, broad_recon, broad_attrs)
 
     report = {k: round(v, 4) for k, v in report.items()}
     minutes = {k: round(v / 60, 2) for k, v in times.items()}
     command = "python notebooks/toy_world.py " + " ".join(argv if argv is not None else sys.argv[1:])
     record = dict(command=command.strip(), seed=args.seed, steps=dict(judge=args.judge_steps, vae=args.vae_steps,
-                  var=args.var_steps), minutes=minutes, torch=torch.__version__, threads=torch.get_num_threads(), **report)
+                  var=args.var_steps, clip=args.clip_steps, aesthetic=args.aesthetic_steps), minutes=minutes,
+                  torch=torch.__version__, open_clip=version("open_clip_torch"), threads=torch.get_num_threads(), **report)
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps(record, indent=1))
     return record
