@@ -1247,17 +1247,19 @@ def compare_policies(var: VAR, ref: Optional[VAR], vae, reward_fn, judge, pool, 
         with starting_policy(var, ref) if name == "start" else nullcontext(var) as policy:
             policy.eval()
             gen = torch.Generator(device).manual_seed(args.seed + 20_000)
-            rewards, features, hits, colours = [], [], [], []
+            rewards, parts, features, hits, colours = [], [], [], [], []
             for i in range(0, n, chunk):
                 images = sample(policy, vae, labels[i:i + chunk], args.cfg, args.temperature, generator=gen).image
-                reward_B, _, features_BD = reward_fn(images)
+                reward_B, parts_B, features_BD = reward_fn(images)
                 rewards.append(reward_B)
+                parts.append(parts_B)
                 features.append(features_BD)
                 if judge is not None:
                     hits.append(judge(images).argmax(-1) == labels[i:i + chunk])
                     colours.append(toy_colour_of(images))
         r, features_BD = torch.cat(rewards), torch.cat(features)
         result[f"reward_{name}"], result[f"reward_var_{name}"] = r.mean().item(), r.var().item()
+        result[f"components_{name}"] = {c: torch.cat([p[c] for p in parts]) for c in parts[0]}  # each R_j, unweighted
         per_class = [group_diversity(features_BD[labels == c], int((labels == c).sum())) for c in labels.unique()
                      if (labels == c).sum() > 1]
         result[f"diversity_{name}"] = float(np.mean(per_class)) if per_class else None
@@ -1268,6 +1270,13 @@ def compare_policies(var: VAR, ref: Optional[VAR], vae, reward_fn, judge, pool, 
     se = math.sqrt((result.pop("reward_var_start") + result.pop("reward_var_end")) / n)
     result.update(reward_se=se, reward_gain_in_se=(result["reward_end"] - result["reward_start"]) / se if se > 0 else None,
                   samples=n)
+    start_by_c, end_by_c = result.pop("components_start"), result.pop("components_end")
+    result["components"] = {}
+    for c in start_by_c:  # each component alone: start, end, and its gain in standard errors
+        a, b = start_by_c[c], end_by_c[c]
+        c_se = math.sqrt((a.var().item() + b.var().item()) / n)
+        result["components"][c] = dict(start=a.mean().item(), end=b.mean().item(),
+                                       gain_in_se=(b.mean() - a.mean()).item() / c_se if c_se > 0 else None)
     line = (f"{n} fresh samples, starting vs final policy: reward {result['reward_start']:.4f} -> {result['reward_end']:.4f} "
             f"(+- {se:.4f}, a change of {result['reward_gain_in_se'] or 0:.1f} standard errors)")
     if judge is not None:
