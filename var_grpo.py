@@ -904,9 +904,11 @@ def build_reward(args: Config, device: torch.device, random_weights: bool = Fals
     if "clip" in weights or "aesthetic" in weights:
         import open_clip
         name = register_toy_clip() if args.tiny else args.clip_model
-        clip_model = load_clip(name, None if random_weights else toy_path("clip.pth", args.clip_ckpt) if args.tiny
-                               else clip_weights(args))
-        clip_model = clip_model.to(device).eval().requires_grad_(False)
+        if random_weights:
+            pretrained = None
+        else:  # a file (or an open_clip tag): the toy world's, or the OpenAI ViT-L/14 from the cache
+            pretrained = toy_path("clip.pth", args.clip_ckpt) if args.tiny else clip_weights(args)
+        clip_model = load_clip(name, pretrained).to(device).eval().requires_grad_(False)
         tokenizer = open_clip.get_tokenizer(name)
         n_tokens = len(tokenizer.encode(args.prompt)) + 2  # + start and end of text
         if n_tokens > tokenizer.context_length:
@@ -1544,10 +1546,11 @@ def toy_path(name: str, local: str = "") -> str:
 
 def load_toy(model: nn.Module, name: str, local: str = "") -> nn.Module:
     """The toy world's weights loaded into model, with the way to restore or rebuild them on error."""
+    path = Path(toy_path(name, local))
     try:
-        return load_weights(model, Path(toy_path(name, local)))
+        return load_weights(model, path)
     except WeightsError as e:
-        raise WeightsError(f"{e}" if TOY_RESTORE in str(e) else f"{e}\n{TOY_RESTORE}") from None
+        raise WeightsError(f"{e}\n{TOY_RESTORE}") from None
 
 
 def load_clip(name: str, pretrained: Optional[str]):
