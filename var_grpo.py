@@ -1244,7 +1244,7 @@ def compare_policies(var: VAR, ref: Optional[VAR], vae, reward_fn, judge, pool, 
     accuracy, the share of each colour, and the share of the colour the prompt names, measured from pixels."""
     n, chunk = args.summary_samples, args.sample_batch or args.classes_per_step * args.group_size  # known to fit
     labels = pool[torch.arange(n) % len(pool)].to(device)
-    result = {}
+    result, drawn = {}, {}  # drawn: per policy, the total reward and each component of every sample
     for name in ("start", "end"):
         with starting_policy(var, ref) if name == "start" else nullcontext(var) as policy:
             policy.eval()
@@ -1259,9 +1259,8 @@ def compare_policies(var: VAR, ref: Optional[VAR], vae, reward_fn, judge, pool, 
                 if judge is not None:
                     hits.append(judge(images).argmax(-1) == labels[i:i + chunk])
                     colours.append(toy_colour_of(images))
-        r, features_BD = torch.cat(rewards), torch.cat(features)
-        result[f"reward_{name}"], result[f"reward_var_{name}"] = r.mean().item(), r.var().item()
-        result[f"components_{name}"] = {c: torch.cat([p[c] for p in parts]) for c in parts[0]}  # each R_j, unweighted
+        features_BD = torch.cat(features)
+        drawn[name] = {"reward": torch.cat(rewards), **{c: torch.cat([p[c] for p in parts]) for c in parts[0]}}
         per_class = [group_diversity(features_BD[labels == c], int((labels == c).sum())) for c in labels.unique()
                      if (labels == c).sum() > 1]
         result[f"diversity_{name}"] = float(np.mean(per_class)) if per_class else None
@@ -1269,16 +1268,16 @@ def compare_policies(var: VAR, ref: Optional[VAR], vae, reward_fn, judge, pool, 
             result[f"class_accuracy_{name}"] = torch.cat(hits).float().mean().item()
             colour_B = torch.cat(colours)
             result[f"colours_{name}"] = {c: (colour_B == i).float().mean().item() for i, c in enumerate([*TOY_COLOURS, "none"])}
-    se = math.sqrt((result.pop("reward_var_start") + result.pop("reward_var_end")) / n)
-    result.update(reward_se=se, reward_gain_in_se=(result["reward_end"] - result["reward_start"]) / se if se > 0 else None,
-                  samples=n)
-    start_by_c, end_by_c = result.pop("components_start"), result.pop("components_end")
-    result["components"] = {}
-    for c in start_by_c:  # each component alone: start, end, and its gain in standard errors
-        a, b = start_by_c[c], end_by_c[c]
-        c_se = math.sqrt((a.var().item() + b.var().item()) / n)
-        result["components"][c] = dict(start=a.mean().item(), end=b.mean().item(),
-                                       gain_in_se=(b.mean() - a.mean()).item() / c_se if c_se > 0 else None)
+    def change(key: str) -> dict:  # start and end means, the standard error of their difference, the gain in it
+        a_N, b_N = drawn["start"][key], drawn["end"][key]
+        se = math.sqrt((a_N.var().item() + b_N.var().item()) / n)
+        return dict(start=a_N.mean().item(), end=b_N.mean().item(), se=se,
+                    gain_in_se=(b_N.mean() - a_N.mean()).item() / se if se > 0 else None)
+    total = change("reward")
+    se = total["se"]
+    result.update(reward_start=total["start"], reward_end=total["end"], reward_se=se,
+                  reward_gain_in_se=total["gain_in_se"], samples=n,
+                  components={c: change(c) for c in drawn["start"] if c != "reward"})  # each R_j alone, unweighted
     line = (f"{n} fresh samples, starting vs final policy: reward {result['reward_start']:.4f} -> {result['reward_end']:.4f} "
             f"(+- {se:.4f}, a change of {result['reward_gain_in_se'] or 0:.1f} standard errors)")
     if judge is not None:
