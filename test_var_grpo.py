@@ -11,6 +11,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -67,8 +68,9 @@ def load_fixture(d: Path):
     c = json.loads((d / "config.json").read_text())
     with torch.device("meta"):
         vae = vg.VQVAE(c["vocab_size"], c["z_channels"], c["ch"], c["patch_nums"], c["quant_resi"], c["share_quant_resi"])
+        assert c["attn_l2_norm"] and not c["shared_aln"]  # the attention of every released checkpoint, implemented
         var = vg.VAR(c["depth"], c["embed_dim"], c["num_heads"], c["vocab_size"], c["z_channels"], c["patch_nums"],
-                     c["num_classes"], c["attn_l2_norm"], c["shared_aln"], c["norm_eps"], c["mlp_ratio"])
+                     c["num_classes"], c["norm_eps"], c["mlp_ratio"])
     vg.load_weights(vae, d / "vae.pth")
     vg.load_weights(var, d / "var.pth")
     return c, vae, var.eval(), torch.load(d / "expected.pt", weights_only=True)
@@ -93,11 +95,11 @@ def test_parity_tokens_and_reconstruction(fixture):
 @torch.no_grad()
 def test_parity_teacher_forced_logits(fixture):
     c, vae, var, e = fixture
-    x_BLCv = vae.quantize.tokens_to_var_input(e["tokens"])
-    torch.testing.assert_close(x_BLCv, e["teacher_forcing_input"], atol=1e-5, rtol=0)
-    torch.testing.assert_close(var(e["labels"], x_BLCv), e["logits"], atol=1e-4, rtol=0)
+    x_BMCv = vae.quantize.tokens_to_var_input(e["tokens"])
+    torch.testing.assert_close(x_BMCv, e["teacher_forcing_input"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(var(e["labels"], x_BMCv), e["logits"], atol=1e-4, rtol=0)
     null_B = torch.full_like(e["labels"], c["num_classes"])
-    torch.testing.assert_close(var(null_B, x_BLCv), e["logits_uncond"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(var(null_B, x_BMCv), e["logits_uncond"], atol=1e-4, rtol=0)
 
 
 @torch.no_grad()
@@ -162,7 +164,7 @@ def test_kv_cached_sampler_matches_teacher_forcing(tiny):
 
 
 def test_benchmark_times_whole_grpo_steps(capsys):
-    result = vg.benchmark(vg.Config(**{**vg.TINY_DEFAULTS, "tiny": True, "bench_batch": 2}), repeats=1)
+    result = vg.benchmark(vg.RunConfig(**{**vg.TINY_DEFAULTS, "tiny": True, "bench_batch": 2}), repeats=1)
     assert result["sample_images_per_s"] > 0 and result["teacher_forced_tokens_per_s"] > 0
     assert result["step_images"] == 16 and 0 < result["update_mfu"] < 1
     parts = result["step_sample_s"] + result["step_reward_s"] + result["step_update_s"]
@@ -177,14 +179,22 @@ def test_benchmark_times_whole_grpo_steps(capsys):
 
 def test_every_config_field_has_a_help_line():
     helps = vg.field_help()
-    for f in vg.fields(vg.Config):
-        assert helps.get(f.name, "").strip(), f"Config.{f.name} has no docstring"
+    for f in vg.fields(vg.RunConfig):  # Config's fields and the run's
+        assert helps.get(f.name, "").strip(), f"RunConfig.{f.name} has no docstring"
+    assert {f.name for f in vg.fields(vg.Config)} < {f.name for f in vg.fields(vg.RunConfig)}
 
 
 def test_command_line_is_derived_from_config():
     cfg = vg.parse_config(["--depth", "20", "--tiny", "--cfg", "3.5", "--var-ckpt", "x.pth"])
     assert (cfg.depth, cfg.tiny, cfg.cfg, cfg.var_ckpt) == (20, True, 3.5, "x.pth")
-    assert vg.parse_config([]) == vg.Config()
+    assert vg.parse_config([]) == vg.RunConfig()
+
+
+def test_help_prints_every_docstring_as_written(capsys):
+    with pytest.raises(SystemExit):
+        vg.parse_config(["--help"])
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "less memory, ~30% slower updates" in printed  # a % in a docstring is text, not a format
 
 
 # ------------------------------------------------------------------------------------------------
@@ -272,7 +282,7 @@ def test_404_names_the_url_and_the_manual_route(server, tmp_path):
 
 def test_local_checkpoint_paths_need_no_network(tmp_path):
     c, vae, var, _ = load_fixture(TESTDATA / "var_tiny")
-    cfg = vg.Config(vae_ckpt=str(TESTDATA / "var_tiny/vae.pth"), cache_dir=str(tmp_path))
+    cfg = vg.RunConfig(vae_ckpt=str(TESTDATA / "var_tiny/vae.pth"), cache_dir=str(tmp_path))
     assert vg.weight_path(cfg.vae_ckpt, "http://127.0.0.1:9/never", cfg) == Path(cfg.vae_ckpt)
     with pytest.raises(vg.WeightsError, match="does not exist"):
         vg.weight_path(str(tmp_path / "nope.pth"), "http://127.0.0.1:9/never", cfg)
@@ -282,7 +292,7 @@ def test_cached_file_is_found_under_its_decoded_name(tmp_path):
     # the aesthetic head's URL ends in sac%2Blogos%2B...; the cache (and the notebooks) know it as sac+logos+...
     cached = tmp_path / "sac+logos+ava1-l14-linearMSE.pth"
     cached.write_bytes(b"not fetched")
-    cfg = vg.Config(cache_dir=str(tmp_path))
+    cfg = vg.RunConfig(cache_dir=str(tmp_path))
     assert vg.weight_path("", vg.AESTHETIC_URL, cfg) == cached  # no request: the URL is never contacted
 
 
@@ -361,7 +371,7 @@ def tiny_clip_file(tmp_path_factory):
 
 
 def real_path_cfg(tiny_clip_file, **kw):
-    return vg.Config(clip_model=TEST_CLIP, clip_ckpt=str(tiny_clip_file), aesthetic_ckpt=str(AESTHETIC_FILE),
+    return vg.RunConfig(clip_model=TEST_CLIP, clip_ckpt=str(tiny_clip_file), aesthetic_ckpt=str(AESTHETIC_FILE),
                      device="cpu", **kw)
 
 
@@ -437,8 +447,8 @@ def test_empty_prompt_long_prompt_and_wrong_embedding_size(tiny_clip_file, capsy
         vg.check_config(real_path_cfg(tiny_clip_file, reward="clip=1", prompt="  "))
     vg.build_reward(real_path_cfg(tiny_clip_file, reward="clip=1", prompt="ukiyo-e " * 80), torch.device("cpu"))
     assert "CLIP reads only the first 77" in capsys.readouterr().err
-    with pytest.raises(vg.WeightsError, match="needs --clip-ckpt"):
-        vg.build_reward(vg.Config(clip_model="ViT-B-32-quickgelu", reward="clip=1"), torch.device("cpu"))
+    with pytest.raises(ValueError, match="needs --clip-ckpt"):  # checked once, before anything loads
+        vg.check_config(vg.RunConfig(clip_model="ViT-B-32-quickgelu", reward="clip=1"))
 
 
 def test_non_finite_reward_names_the_component(tiny_clip_file):
@@ -467,7 +477,7 @@ import toy_world as tw  # noqa: E402
 @pytest.fixture(scope="module")
 def toy():
     """The shipped toy models, exactly as --tiny loads them (strict=True), and 500 held-out drawn images."""
-    cfg = vg.Config(tiny=True)
+    cfg = vg.RunConfig(tiny=True)
     vae, var = vg.load_models(cfg, torch.device("cpu"))
     labels = torch.arange(500) % len(tw.SHAPES)
     images = tw.draw(labels, torch.Generator().manual_seed(123))[0]
@@ -512,7 +522,7 @@ def test_each_pretraining_stage_lowers_its_loss(stage):
     elif stage == "vae":
         _, losses = tw.train_vae(40, gen, batch=16, log=quiet)
     else:
-        vae = vg.load_models(vg.Config(tiny=True), torch.device("cpu"))[0]
+        vae = vg.load_models(vg.RunConfig(tiny=True), torch.device("cpu"))[0]
         _, losses = tw.train_var(vae, 40, gen, batch=16, log=quiet)
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
     assert last < 0.8 * first, (stage, first, last)
@@ -551,9 +561,9 @@ def test_toy_var_samples_are_of_their_class(toy):
 def toy_rewards():
     """The toy CLIP and aesthetic head as --tiny builds them, and 500 held-out images of the broad world, drawn and
     passed through the shipped VQ-VAE (as every VAR sample is)."""
-    reward = vg.build_reward(vg.Config(tiny=True, reward="clip=1,aesthetic=1", prompt="a lime shape"), torch.device("cpu"))
+    reward = vg.build_reward(vg.RunConfig(tiny=True, reward="clip=1,aesthetic=1", prompt="a lime shape"), torch.device("cpu"))
     images, attrs = tw.draw(torch.arange(500) % 10, torch.Generator().manual_seed(321), broad=True)
-    vae = vg.load_models(vg.Config(tiny=True), torch.device("cpu"))[0]
+    vae = vg.load_models(vg.RunConfig(tiny=True), torch.device("cpu"))[0]
     with torch.no_grad():
         recon = vae.tokens_to_img(vae.img_to_tokens(images * 2 - 1)).add(1).div(2)
     return reward, images, recon, attrs
@@ -593,15 +603,15 @@ def test_pretrained_toy_var_never_learned_lime_or_white(toy):
 
 def test_missing_or_corrupt_toy_weights_say_how_to_rebuild(tmp_path, monkeypatch):
     with pytest.raises(vg.WeightsError, match="(?s)does not exist.*python notebooks/toy_world.py"):
-        vg.load_models(vg.Config(tiny=True, var_ckpt=str(tmp_path / "gone.pth")), torch.device("cpu"))
+        vg.load_models(vg.RunConfig(tiny=True, var_ckpt=str(tmp_path / "gone.pth")), torch.device("cpu"))
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(vg.WeightsError, match="(?s)not a PyTorch checkpoint.*git checkout -- notebooks/toy"):
-        vg.load_models(vg.Config(tiny=True, vae_ckpt=str(tmp_path / "bad.pth")), torch.device("cpu"))
+        vg.load_models(vg.RunConfig(tiny=True, vae_ckpt=str(tmp_path / "bad.pth")), torch.device("cpu"))
     # the toy CLIP and the aesthetic head, as shipped in notebooks/toy/: gone, or damaged
     toy = tmp_path / "toy"
     toy.mkdir()
     monkeypatch.setattr(vg, "TOY_DIR", toy)
-    cfg = vg.Config(tiny=True, reward="clip=1,aesthetic=0.1", prompt="a lime shape")
+    cfg = vg.RunConfig(tiny=True, reward="clip=1,aesthetic=0.1", prompt="a lime shape")
     with pytest.raises(vg.WeightsError, match=f"(?s){toy / 'clip.pth'} does not exist.*git checkout -- notebooks/toy"):
         vg.build_reward(cfg, torch.device("cpu"))
     (toy / "clip.pth").write_bytes(b"PK\x03\x04 torn")
@@ -698,7 +708,7 @@ def test_k3_kl_and_per_token_averaging_by_hand():
     ref = torch.log(torch.tensor([[0.25, 0.2], [0.1, 0.7]]))
     loss, stats = vg.grpo_loss(logp, logp.clone(), torch.zeros(2), ref, clip_eps=0.2, beta=0.5)
     k3 = 0.5 - math.log(0.5) - 1
-    assert stats["kl"] == pytest.approx(k3 / 4, abs=1e-6)
+    assert stats["kl_ref"] == pytest.approx(k3 / 4, abs=1e-6)
     assert loss.item() == pytest.approx(0.5 * ((k3 + 0) / 2 + (0 + 0) / 2) / 2, abs=1e-6)
     # surrogate with ratio 1: per image -A, averaged over tokens then images
     loss, _ = vg.grpo_loss(logp, logp.clone(), torch.tensor([2.0, -1.0]), None, clip_eps=0.2, beta=0.0)
@@ -706,7 +716,7 @@ def test_k3_kl_and_per_token_averaging_by_hand():
 
 
 def tiny_cfg(tmp_path, **kw):
-    return vg.Config(**{**vg.TINY_DEFAULTS, "tiny": True, "out": str(tmp_path), **kw})
+    return vg.RunConfig(**{**vg.TINY_DEFAULTS, "tiny": True, "out": str(tmp_path), **kw})
 
 
 def test_tiny_prompt_run_draws_a_colour_the_pretraining_never_showed(tmp_path):
@@ -741,7 +751,7 @@ def test_tiny_prompt_run_draws_a_colour_the_pretraining_never_showed(tmp_path):
     rewards = np.array([r["reward_mean"] for r in result["records"]])  # the training batches rose too
     first, last = rewards[:20], rewards[-20:]
     assert last.mean() - first.mean() > 3 * np.sqrt(first.var(ddof=1) / 20 + last.var(ddof=1) / 20)
-    assert all(math.isfinite(r["kl"]) and r["kl"] >= 0 for r in result["records"])
+    assert all(math.isfinite(r["kl_ref"]) and r["kl_ref"] >= 0 for r in result["records"])
     assert max(r["logprob_gap_max"] for r in result["records"]) < 1e-4  # sampler and trainer agree (fp32, CPU)
     # Catches: a reference policy that drifts with the policy (no copy, or one refreshed during training). The KL
     # logged over the last steps must match KL(final || start) measured afresh with the starting model.
@@ -750,7 +760,7 @@ def test_tiny_prompt_run_draws_a_colour_the_pretraining_never_showed(tmp_path):
     with torch.no_grad():
         q_BL = (vg.token_logprobs(start, vae, labels[:64], s.tokens, cfg.cfg, cfg.temperature) -
                 vg.token_logprobs(result["var"], vae, labels[:64], s.tokens, cfg.cfg, cfg.temperature))
-    fresh_kl, logged_kl = (q_BL.exp() - q_BL - 1).mean().item(), np.mean([r["kl"] for r in result["records"][-5:]])
+    fresh_kl, logged_kl = (q_BL.exp() - q_BL - 1).mean().item(), np.mean([r["kl_ref"] for r in result["records"][-5:]])
     assert fresh_kl > 0.05 and 0.5 < logged_kl / fresh_kl < 2, (fresh_kl, logged_kl)
     run = tmp_path / "run"
     for name in ["config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "var_final.pth", "reward_curve.png",
@@ -758,9 +768,9 @@ def test_tiny_prompt_run_draws_a_colour_the_pretraining_never_showed(tmp_path):
         assert (run / name).exists(), name
     rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ["step", "reward_mean", "reward_std", "ratio_mean", "clip_mean", "clip_std", "aesthetic_mean", "adv_abs_mean",
-                "kl", "clip_frac", "approx_kl", "grad_norm", "diversity", "time_sample", "time_reward", "time_update",
+                "kl_ref", "clip_frac", "kl_old", "grad_norm", "diversity", "time_sample", "time_reward", "time_update",
                 "images_per_s", "peak_gpu_mem_gb", "eval_reward", "logprob_gap_max", "logprob_gap_mean", "ratio_first",
-                "clip_frac_first", "ratio_later", "clip_frac_later", "policy_loss", "kl_loss", "kl_share", "entropy"]:
+                "clip_frac_first", "ratio_later", "clip_frac_later", "policy_loss", "kl_loss", "entropy"]:
         assert key in rec, key
     # the exported weights carry the official key names: they load strictly into a fresh VAR
     vg.load_weights(meta_var(vg.TOY_DEPTH), run / "var_final.pth")
@@ -894,12 +904,12 @@ def test_missing_weights_offline_is_a_clear_error(tmp_path, monkeypatch, server)
     monkeypatch.setattr(vg, "VAR_URL", "http://127.0.0.1:9/")  # nothing listens there: as good as offline
     with pytest.raises(vg.WeightsError, match=r"http://127.0.0.1:9/vae_ch160v4096z32.pth failed after 3 attempts.*"
                                               r"nothing was downloaded.*by hand") as err:
-        vg.load_models(vg.Config(cache_dir=str(tmp_path)), torch.device("cpu"))
+        vg.load_models(vg.RunConfig(cache_dir=str(tmp_path)), torch.device("cpu"))
     assert ".part" not in str(err.value) and not list(tmp_path.glob("*.part"))  # no "0 bytes are kept in ....part"
     with pytest.raises(vg.WeightsError, match="does not exist"):
-        vg.load_models(vg.Config(vae_ckpt=str(tmp_path / "nope.pth")), torch.device("cpu"))
+        vg.load_models(vg.RunConfig(vae_ckpt=str(tmp_path / "nope.pth")), torch.device("cpu"))
     with pytest.raises(vg.WeightsError, match="is a directory; give the path of the .pth file itself"):
-        vg.load_models(vg.Config(vae_ckpt=str(tmp_path)), torch.device("cpu"))
+        vg.load_models(vg.RunConfig(vae_ckpt=str(tmp_path)), torch.device("cpu"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: one clear message, and the network is never tried
     with pytest.raises(vg.WeightsError, match=r"file.pth is not in the cache .*HF_HUB_OFFLINE is set.*by hand"):
         vg.download(f"{server}/file.pth", tmp_path / "file.pth")
@@ -971,9 +981,9 @@ def test_out_and_cache_must_be_writable_before_any_work(tmp_path, monkeypatch):
 
 def test_default_out_name_is_bounded():
     long = "a ukiyo-e painting of " + "a very long prompt " * 30
-    a, b = vg.out_dir(vg.Config(prompt=long)), vg.out_dir(vg.Config(prompt=long + "!"))
+    a, b = vg.out_dir(vg.RunConfig(prompt=long)), vg.out_dir(vg.RunConfig(prompt=long + "!"))
     assert a.parent == Path("runs") and len(a.name) <= 70 and a != b  # cut, and kept apart by a hash
-    assert vg.out_dir(vg.Config(prompt="ukiyo-e painting")) == Path("runs/ukiyo-e-painting-d16")
+    assert vg.out_dir(vg.RunConfig(prompt="ukiyo-e painting")) == Path("runs/ukiyo-e-painting-d16")
 
 
 def test_one_run_per_out_directory(tmp_path, monkeypatch):
@@ -1127,21 +1137,21 @@ def test_lora_starts_as_the_base_model_and_its_merged_export_is_the_adapted_mode
     base_logp = logprobs(var)
     adapted = vg.add_lora(copy.deepcopy(var), 4)
     trained = [n for n, p in adapted.named_parameters() if p.requires_grad]
-    assert trained and all(".lora_A" in n or ".lora_B" in n for n in trained)
+    assert trained and all(".lora_down" in n or ".lora_up" in n for n in trained)
     assert len(trained) == 2 * 4 * var.depth  # mat_qkv, proj, fc1, fc2 in every block
-    assert torch.equal(logprobs(adapted), base_logp)  # B = 0: exactly the base model
+    assert torch.equal(logprobs(adapted), base_logp)  # W_up = 0: exactly the base model
     with torch.no_grad():
         for n, p in adapted.named_parameters():
-            if ".lora_B" in n:
+            if ".lora_up" in n:
                 p.normal_(0, 0.05)
     adapted_logp = logprobs(adapted)
     assert (adapted_logp - base_logp).abs().max() > 1e-2  # the adapters do change the policy ...
-    with vg.starting_policy(adapted, None) as start:  # ... and switched off, it is the base model again
+    with vg.adapters_off(adapted) as start:  # ... and switched off, it is the base model again
         assert torch.equal(logprobs(start), base_logp)
     assert (logprobs(adapted) - adapted_logp).abs().max() == 0  # and back on afterwards
 
     torch.save(var.state_dict(), tmp_path / "base.pth")  # what export_state_dict merges onto, read from disk
-    cfg = vg.Config(tiny=True, var_ckpt=str(tmp_path / "base.pth"), lora_rank=4)
+    cfg = vg.RunConfig(tiny=True, var_ckpt=str(tmp_path / "base.pth"), lora_rank=4)
     merged = vg.export_state_dict(adapted, cfg)
     assert set(merged) == set(var.state_dict())  # the official keys, no adapter keys
     plain = vg.load_weights(meta_var(vg.TOY_DEPTH), save(merged, tmp_path / "merged.pth"))
@@ -1167,7 +1177,7 @@ def test_tiny_lora_run_learns_resumes_and_exports(tmp_path):
     assert summary["class_accuracy_end"] >= 0.8, summary
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert ck["model"] and all(".lora_" in k for k in ck["model"])
-    vae, plain = vg.load_models(vg.Config(tiny=True, var_ckpt=str(tmp_path / "run" / "var_final.pth")), torch.device("cpu"))
+    vae, plain = vg.load_models(vg.RunConfig(tiny=True, var_ckpt=str(tmp_path / "run" / "var_final.pth")), torch.device("cpu"))
     label_B = torch.arange(16) % 10
     draw = lambda model: vg.sample(model.eval(), vae, label_B, 1.5, generator=torch.Generator().manual_seed(5)).tokens
     assert all(torch.equal(a, b) for a, b in zip(draw(plain), draw(result["var"])))
@@ -1189,38 +1199,51 @@ def test_sampler_graphs_only_for_the_rollout_batch_and_never_with_adapters_off(t
     that LoRA's switched-off adapters give (a graph replays the weights it captured, adapters included)."""
     _, var = tiny
     captured = []
-    monkeypatch.setattr(vg, "ScaleGraphs", lambda var, B2, device: captured.append(B2) or f"graphs for {B2}")
+
+    class FakeGraphs:
+        def __init__(self, scale_logits, var, B2, device):
+            captured.append(B2)
+
+        def replay(self, si, x_2BlC, cond_2BC):
+            return f"graphs for {x_2BlC.shape[0]}"
+    monkeypatch.setattr(vg, "ScaleGraphs", FakeGraphs)
     model = vg.add_lora(copy.deepcopy(var), 2)
-    model.sampler_graphs = {2 * 16: None}  # as setup_policy sets it for P*G = 16
-    assert vg.scale_graphs(model, 32) == "graphs for 32" and vg.scale_graphs(model, 32) == "graphs for 32"
-    assert vg.scale_graphs(model, 16) is None  # an evaluation batch: eager
-    with vg.starting_policy(model, None) as start:
-        assert vg.scale_graphs(start, 32) is None
-    assert captured == [32] and vg.scale_graphs(var, 32) is None  # captured once; without --cuda-graphs never
+    vg.use_cuda_graphs(model, 2 * 16)  # as use_the_device sets it up for P*G = 16
+    scale_0 = lambda m, B2: m.scale_logits(torch.zeros(B2, 1, m.C), torch.zeros(B2, m.C), [vg.KVCache(m.L) for _ in m.blocks], 0)
+    assert scale_0(model, 32) == "graphs for 32" and scale_0(model, 32) == "graphs for 32"
+    assert scale_0(model, 16).shape == (16, 1, model.V)  # an evaluation batch: eager
+    with vg.adapters_off(model) as start:
+        assert scale_0(start, 32).shape == (32, 1, model.V)
+    assert captured == [32] and scale_0(var, 32).shape == (32, 1, var.V)  # captured once; without --cuda-graphs never
 
 
-def test_compile_is_on_by_default_and_without_triton_the_blocks_run_eagerly_with_a_note(tiny, monkeypatch, capsys):
-    """--compile (the default; GPU only, so a CPU run compiles nothing) wraps every block of the policy and of the
-    reference copy, and turns on inductor's emulation of eager's bf16 rounding, on which the sampler-vs-update
-    log-prob agreement rests. Where triton is missing (this CPU build of torch) it says so and keeps the blocks eager."""
+def test_compile_is_on_by_default_wraps_only_teacher_forced_passes_and_without_triton_notes_it(tiny, monkeypatch, capsys):
+    """--compile (the default; GPU only, so a CPU run compiles nothing) compiles every block's teacher-forced pass, and
+    turns on inductor's emulation of eager's bf16 rounding, on which the sampler-vs-update log-prob agreement rests.
+    Sampling (with a KV cache) stays eager; the keys stay the official ones. Where triton is missing (this CPU build of
+    torch) it says so and keeps the blocks eager."""
     import torch._inductor.config as inductor_config
     import torch.utils._triton
-    assert vg.Config().compile and not vg.Config().cuda_graphs
-    _, var = tiny
-    policy, ref = copy.deepcopy(var), copy.deepcopy(var)
-    vg.setup_policy(vg.Config(tiny=True), policy, torch.device("cpu"))
-    assert policy.compiled_blocks is None and policy.sampler_graphs is None
+    assert vg.RunConfig().compile and not vg.RunConfig().cuda_graphs
+    vae, var = tiny
+    policy = copy.deepcopy(var)
+    vg.setup_policy(vg.RunConfig(tiny=True), policy, torch.device("cpu"))
+    assert all("forward" not in vars(block) for block in policy.blocks)  # on a CPU: eager blocks
     monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
-    vg.compile_blocks([policy, ref])
-    assert policy.compiled_blocks is None and ref.compiled_blocks is None and "--no-compile" in capsys.readouterr().err
+    assert not vg.can_compile() and "--no-compile" in capsys.readouterr().err
     monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
     monkeypatch.setattr(inductor_config, "emulate_precision_casts", False)
-    monkeypatch.setattr(torch, "compile", lambda block: ("compiled", block))
-    vg.compile_blocks([policy, ref])
-    assert inductor_config.emulate_precision_casts and capsys.readouterr().err == ""
-    for model in (policy, ref):
-        assert model.compiled_blocks == [("compiled", block) for block in model.blocks]
-        assert set(model.state_dict()) == set(var.state_dict())  # checkpoints keep the official keys
+    assert vg.can_compile() and inductor_config.emulate_precision_casts and capsys.readouterr().err == ""
+    compiled_calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn: lambda *a: compiled_calls.append(fn) or fn(*a))
+    vg.wrap_teacher_forced_blocks(policy, compiled=True, checkpointing=False)
+    label_B = torch.tensor([1, 2])
+    s = vg.sample(policy, vae, label_B, 1.5, generator=torch.Generator().manual_seed(0), return_logprobs=True)
+    assert compiled_calls == []  # sampling: eager
+    logp = vg.token_logprobs(policy, vae, label_B, s.tokens, 1.5, 1.0)
+    assert len(compiled_calls) == var.depth  # the teacher-forced pass: every block compiled
+    torch.testing.assert_close(logp, vg.token_logprobs(var, vae, label_B, s.tokens, 1.5, 1.0), atol=0, rtol=0)
+    assert set(policy.state_dict()) == set(var.state_dict())  # checkpoints keep the official keys
 
 
 def test_chunked_rollouts_train_like_whole_ones(tmp_path):
@@ -1247,8 +1270,8 @@ def notebook_modules():
 
 
 def test_the_five_notebooks_are_there():
-    assert [p.name for p in NOTEBOOKS] == ["01_tokenizer.ipynb", "02_next_scale_sampling.ipynb",
-                                           "03_rewards.ipynb", "04_grpo.ipynb", "05_pretraining.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == ["00_pretraining.ipynb", "01_tokenizer.ipynb", "02_next_scale_sampling.ipynb",
+                                           "03_rewards.ipynb", "04_grpo.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -1261,6 +1284,9 @@ def test_notebook_is_stored_run_top_to_bottom(path):
     assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), "run all cells in order, then save"
     assert all(c.outputs for c in code if "print(" in c.source or "plt.show()" in c.source), "saved without outputs"
     assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+    assert code[0].source.count("from common import *") == 1  # one shared setup (notebooks/common.py), not a copy
+    printed = "".join(o.get("text", "") for c in code for o in c.outputs)
+    assert tempfile.gettempdir() not in printed and "/tmp/" not in printed  # stored outputs show no machine's paths
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -1268,7 +1294,7 @@ def test_notebook_runs_on_cpu(path, tmp_path, monkeypatch):
     nbclient, nbformat = notebook_modules()
     monkeypatch.setenv("VAR_GRPO_CACHE", str(tmp_path / "empty-cache"))  # no official weights: the toy world
     monkeypatch.setenv("TMPDIR", str(tmp_path))                            # the notebook's run folder goes here
-    monkeypatch.setenv("VAR_GRPO_QUICK", "1")  # 04 and 05: a tenth of their training steps (the stored run is whole)
+    monkeypatch.setenv("VAR_GRPO_QUICK", "1")  # 00 and 04: a tenth of their training steps (the stored run is whole)
     # the kernel is this very interpreter, whatever other "python3" kernels the machine has registered
     spec = tmp_path / "jupyter" / "kernels" / "var-grpo-test" / "kernel.json"
     spec.parent.mkdir(parents=True)
@@ -1280,7 +1306,7 @@ def test_notebook_runs_on_cpu(path, tmp_path, monkeypatch):
                             resources={"metadata": {"path": str(path.parent)}}).execute()  # raises if a cell raises
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     fallback = {"01_tokenizer": "TOY WORLD", "02_next_scale_sampling": "TOY WORLD", "03_rewards": "TOY CLIP"}
-    if path.stem in fallback:  # 04 and 05 always use the toy world; the others must say what they fell back to
+    if path.stem in fallback:  # 00 and 04 always use the toy world; the others must say what they fell back to
         assert fallback[path.stem] in printed
 
 

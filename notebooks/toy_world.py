@@ -15,7 +15,7 @@ builds a world small enough to pretrain in minutes on 2 CPU cores, with the very
      sample is of its class (class accuracy) without any human looking.
   3. Stage 1, the tokenizer: the multi-scale residual VQ-VAE (var_grpo.VQVAE), on the broad world. For k = 1..K
          r_k = argmin_v || area_down(f - f_hat, h_k) - e_v ||,   f_hat += phi_k(bicubic_up(e[r_k]))
-     trained with   Loss = || x - D(f_st) ||^2 + (1/K) sum_k ( || f_hat_k - sg(f) ||^2 + 0.25 || sg(f_hat_k) - f ||^2 )
+     trained with   Loss = || x - Dec(f_st) ||^2 + (1/K) sum_k ( || f_hat_k - sg(f) ||^2 + 0.25 || sg(f_hat_k) - f ||^2 )
      where f_hat_k is f_hat after k scales (the codebook and phi terms pull it towards the encoder's f, the
      commitment term, weight 0.25, pulls f towards it) and f_st = f + sg(f_hat - f) is the straight-through
      estimator: the decoder sees the quantised latent, the encoder receives the decoder's gradient as if quantisation
@@ -263,10 +263,10 @@ def train_var(vae: vg.VQVAE, steps: int, generator: torch.Generator, batch: int 
         label_B, images = draw_batch(batch, generator)
         with torch.no_grad():
             tokens = vae.img_to_tokens(images * 2 - 1)
-            x_BLCv = vae.quantize.tokens_to_var_input(tokens)
+            x_BMCv = vae.quantize.tokens_to_var_input(tokens)
         dropped = torch.rand(batch, generator=generator) < class_dropout
         cond_B = torch.where(dropped, var.num_classes, label_B)     # the null class, as in sampling's CFG branch
-        logits_BLV = var(cond_B, x_BLCv)
+        logits_BLV = var(cond_B, x_BMCv)
         loss = F.cross_entropy(logits_BLV.flatten(0, 1), torch.cat(tokens, 1).flatten())
         opt.zero_grad(); loss.backward()
         torch.nn.utils.clip_grad_norm_(var.parameters(), 2.0)
