@@ -76,11 +76,13 @@ import inspect
 import json
 import math
 import os
+import pickle
 import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import List, Optional
 from urllib.parse import unquote
@@ -125,8 +127,9 @@ class Config:
     """P: class labels drawn per step"""
     group_size: int = 8
     """G: images sampled per class label; advantages are computed within each such group"""
-    lr: float = 1e-5
-    """AdamW learning rate"""
+    lr: float = 0.0
+    """AdamW learning rate; 0: the default for what is trained, 1e-5 for full fine-tuning, 1e-4 for LoRA adapters
+    (--tiny: 2e-4 and 3e-3, measured there); config.json records the one used"""
     weight_decay: float = 0.0
     """AdamW weight decay (0: decaying towards zero would pull away from the pretrained weights; the KL term regularises)"""
     max_grad_norm: float = 1.0
@@ -150,10 +153,13 @@ class Config:
     """passes over each step's P*G samples"""
     minibatches: int = 2
     """optimizer steps per inner epoch; the P*G samples are split into this many minibatches"""
+    heldout_classes: str = "auto"
+    """classes never drawn for training, measured apart in summary.json (heldout): comma-separated ids, none, or auto
+    (a seeded tenth of the pool when it has >= 100 classes, i.e. 100 of ImageNet's 1000; none of the toy world's 10)"""
     lora_rank: int = 0
     """> 0: train LoRA adapters of this rank on the blocks' attention and MLP linears, base frozen (bf16 on a GPU), the
-    KL reference = adapters off; var_final.pth holds the merged weights; adapters want a larger --lr (toy world: 1e-3
-    instead of 1e-4). 0: full fine-tuning"""
+    KL reference = adapters off; var_final.pth holds the merged weights; adapters want a larger --lr, which its
+    default gives them. 0: full fine-tuning"""
 
 
 # --tiny changes these defaults (flags given explicitly still win): the paper's claim on a CPU in about a minute, the
@@ -161,8 +167,13 @@ class Config:
 # chosen on the toy world (summary.json at seed 0, lime shapes and class accuracy): lr 2e-4 x 200 steps 0.4% -> 86.7%,
 # 88.7% -> 92.6% (seeds 1, 2: 75.4% and 74.6% lime); lr 1e-4 x 400 steps 87.5% lime in twice the time; lr 3e-4 x 200
 # steps (an earlier VAR) 86% lime, but the class accuracy fell to 80%.
-TINY_DEFAULTS = dict(device="cpu", prompt="a lime shape", steps=200, classes_per_step=2, group_size=8, lr=2e-4, beta=0.05,
+TINY_DEFAULTS = dict(device="cpu", prompt="a lime shape", steps=200, classes_per_step=2, group_size=8, beta=0.05,
                      num_eval=20, minibatches=2, micro_batch=8, eval_every=50, save_every=100)
+# --lr 0 (the default) means this learning rate, by (--tiny, LoRA). LoRA's adapters start at zero and move a low-rank
+# slice of each weight, so they want a larger one. --tiny --lora-rank 4, 200 steps, seed 0 (summary.json): lr 2e-4
+# reward +5.0 standard errors, lime shapes 0.4% -> 2.3%; 1e-3 +21.1, 5.1%; 3e-3 +30.8, 71.5%, class accuracy 88.7% ->
+# 95.3% (full fine-tuning at 2e-4: +35.2, 86.7%). The full-size LoRA value, 10x full fine-tuning's, is not tuned here.
+DEFAULT_LR = {(False, False): 1e-5, (False, True): 1e-4, (True, False): 2e-4, (True, True): 3e-3}
 
 # The architecture of the official checkpoints (FoundationVision/VAR models/__init__.py: build_vae_var).
 # width = 64 * depth and heads = depth for every official depth; --tiny swaps in TOY_ARCH.
@@ -780,7 +791,7 @@ def grpo_step(var: VAR, pi_ref, vae: VQVAE, reward_fn, opt, label_B, args: Confi
     # 8. clipped policy-gradient updates over minibatches, accumulating micro-batches of --micro-batch images
     weight_L = scale_token_weights(var) if args.token_weight == "scale" else None  # None: every token 1/L
     trained = [p for g in opt.param_groups for p in g["params"]]
-    mb_stats, grad_norms, gap_BL = [], [], None  # mb_stats: one list of micro-batch stats per minibatch
+    mb_stats, grad_norms, gaps = [], [], []  # mb_stats: one list of micro-batch stats per minibatch
     for _ in range(args.inner_epochs):
         order = torch.randperm(n_images, generator=gens["shuffle"]).to(label_B.device)
         for mb in order.view(args.minibatches, mb_size):
@@ -789,19 +800,18 @@ def grpo_step(var: VAR, pi_ref, vae: VQVAE, reward_fn, opt, label_B, args: Confi
             for idx in mb.view(-1, micro):
                 logp_BL, entropy_BL = token_logprobs(var, vae, label_B[idx], [r_Bl[idx] for r_Bl in roll.tokens],
                                                      args.cfg, args.temperature, entropy=True)
-                if gap_BL is None:  # before the step's first update: the sampler-vs-trainer gap
-                    gap_BL = (logp_BL.detach() - old_logp_BL[idx]).abs()
+                if len(mb_stats) == 1:  # the first minibatch, before the step's first update: sampler vs trainer
+                    gaps.append((logp_BL.detach() - roll.logprob[idx]).abs())
                 loss, stats = grpo_loss(logp_BL, old_logp_BL[idx], adv_B[idx],
                                         None if ref_logp_BL is None else ref_logp_BL[idx], args.clip_eps, args.beta, weight_L)
                 (loss * (len(idx) / mb_size)).backward()  # the minibatch's loss is the mean over its images
                 mb_stats[-1].append(dict(stats, entropy=entropy_BL.mean().item()))
             grad_norms.append(torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm).item())
             if not math.isfinite(grad_norms[-1]):  # stepping would write NaN into every weight
-                raise FloatingPointError(f"the gradient norm is {grad_norms[-1]}, so this update was not applied; "
-                                         f"lower --lr (now {args.lr}) or raise --beta")
+                raise FloatingPointError(non_finite_advice(grad_norms[-1], mb_stats[-1], args))
             opt.step()
     clock("update")
-    return step_record(reward_B, parts, adv_B, mb_stats, grad_norms, gap_BL, features_BD, args, clock)
+    return step_record(reward_B, parts, adv_B, mb_stats, grad_norms, torch.cat(gaps), features_BD, args, clock)
 
 
 def run_grpo(args: Config, device: torch.device, out: Path, ck: Optional[dict]) -> dict:
@@ -812,12 +822,12 @@ def run_grpo(args: Config, device: torch.device, out: Path, ck: Optional[dict]) 
     reward_fn = build_reward(args, device)
     pi_ref, opt = setup_policy(args, var, device)
     gens = random_streams(args.seed, device)
-    pool = parse_classes(args.classes, var.num_classes)
+    pool, heldout = class_pools(args, var.num_classes)  # heldout: never drawn for training, measured apart at the end
     start, records = start_or_resume(args, out, ck, var, opt, gens)
     evaluate = Evaluation(vae, reward_fn, args, pool, device, out)
     if start == 0:
         print(f"step 0 evaluation reward {evaluate(var, 0):.4f}")
-    with ctrl_c_stops_after_the_step() as stop, failures_keep_checkpoints(out):
+    with signals_stop_after_the_step() as stop, failures_keep_checkpoints(out):
         for step in progress_bar(start, args.steps):
             label_P = pool[torch.randint(len(pool), (args.classes_per_step,), generator=gens["class"])]
             label_B = label_P.repeat_interleave(args.group_size).to(device)  # group p: images p*G .. p*G+G-1
@@ -826,16 +836,16 @@ def run_grpo(args: Config, device: torch.device, out: Path, ck: Optional[dict]) 
             if done % args.eval_every == 0 or done == args.steps:  # after this step's update: the policy of step `done`
                 rec["eval_reward"] = evaluate(var, done)
             records.append(rec)
-            log_step(rec, out / "metrics.jsonl")
+            log_step(records, out / "metrics.jsonl", args)
             if done % args.save_every == 0 or done == args.steps or stop:
                 save_checkpoint(out / "checkpoint.pt", done, var, opt, gens, args)
             if stop:
                 break
     summary = None
-    if stop and args.summary_samples > 0:
-        print("stopped by Ctrl-C: no summary.json (resume the run to finish it)")
+    if stop:
+        print(f"stopped by {stop[0]} after step {done}, checkpoint saved: continue with the same command and --resume")
     if records and not stop and args.summary_samples > 0:
-        summary = compare_policies(var, pi_ref, vae, reward_fn, load_judge(args, device), pool, args, device)
+        summary = compare_policies(var, pi_ref, vae, reward_fn, load_judge(args, device, reward_fn), pool, heldout, args, device)
     write_final_outputs(out, args, records, summary, var)
     return dict(out=out, records=records, var=var, summary=summary)
 
@@ -848,7 +858,7 @@ def main(argv: Optional[List[str]] = None):
     args = parse_config(argv)
     try:
         return benchmark(args) if args.bench else train(args)
-    except (ValueError, OSError, WeightsError, FloatingPointError) as e:  # OSError: a file could not be written
+    except (ValueError, OSError, WeightsError, FloatingPointError, MemoryError) as e:  # OSError: a file could not be written
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C during it
         if not args.bench:
@@ -899,8 +909,8 @@ def _reported_sha256(response: requests.Response) -> Optional[str]:
 
 def download(url: str, dest: Path, attempts: int = 3, timeout: float = 30.0) -> Path:
     """Download url to dest unless dest exists. Bytes stream into dest.part, which survives an interruption
-    and is resumed with an HTTP Range request; dest appears only once the file is complete and verified."""
-    from tqdm import tqdm
+    and is resumed with an HTTP Range request; dest appears only once the file is complete and verified. Processes
+    sharing the cache take turns through dest.lock: the second one finds the file complete."""
     dest = Path(dest)
     if dest.exists():
         return dest
@@ -911,6 +921,36 @@ def download(url: str, dest: Path, attempts: int = 3, timeout: float = 30.0) -> 
         raise WeightsError(f"{dest.name} is not in the cache ({dest}) and HF_HUB_OFFLINE is set, so it is not "
                            f"downloaded from {url}. {manual}")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(dest.with_name(dest.name + ".lock"), f"another process is downloading {dest.name}; waiting for it"):
+        if dest.exists():  # the other process finished it
+            return dest
+        return _download_locked(url, dest, part, manual, attempts, timeout)
+
+
+@contextmanager
+def file_lock(path: Path, waiting: str):
+    """An exclusive lock on `path` while the block runs (one download of a file at a time, whatever the processes).
+    The operating system releases it when the process ends, however it ends. (fcntl is POSIX: on Windows, none.)"""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(waiting, file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:  # a file system without locks
+            print(f"warning: cannot lock {path} ({e.strerror}); make sure no other run downloads into {path.parent}",
+                  file=sys.stderr)
+        yield
+
+
+def _download_locked(url: str, dest: Path, part: Path, manual: str, attempts: int, timeout: float) -> Path:
+    """download's work, under the file's lock: bytes stream into dest.part, resumed with a Range request."""
+    from tqdm import tqdm
     for attempt in range(attempts):
         have = part.stat().st_size if part.exists() else 0
         headers = {"Range": f"bytes={have}-"} if have else {}
@@ -975,8 +1015,10 @@ def read_state_dict(path: Path) -> dict:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise WeightsError(f"{path} is not a PyTorch checkpoint that torch.load(weights_only=True) can read ({e}). "
-                           f"Pass an official VAR/VQVAE .pth file or one this script exported.") from e
+        raise WeightsError(f"{path} is not a PyTorch checkpoint that torch.load(weights_only=True) can read "
+                           f"({str(e).splitlines()[0][:300]}); nothing in it was run. Pass an official VAR/VQVAE .pth "
+                           f"file or one this script exported. If {path.name} is a download in the weight cache, delete "
+                           f"{path}: the next run downloads it afresh.") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         keys = list(sd)[:8] if isinstance(sd, dict) else type(sd).__name__
         raise WeightsError(f"{path} is not a plain state_dict of tensors (it holds {keys}). Pass an official "
@@ -1006,23 +1048,51 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
 
 def load_models(args: Config, device: torch.device):
     """(vae, var): the official weights for --depth, or the pretrained toy world's for --tiny."""
+    files = base_weight_files(args)
     if args.tiny:
         with torch.device("meta"):
             vae, var = build_vae(TOY_ARCH), build_var(TOY_ARCH, TOY_DEPTH)
-        return load_toy(vae, "vae.pth", args.vae_ckpt).to(device), load_toy(var, "var.pth", args.var_ckpt).to(device)
-    vae_path = weight_path(args.vae_ckpt, VAR_URL + VAE_FILE, args)
-    var_path = weight_path(args.var_ckpt, VAR_URL + f"var_d{args.depth}.pth", args)
+        return load_toy(vae, "vae.pth", str(files["vae"])).to(device), load_toy(var, "var.pth", str(files["var"])).to(device)
     with torch.device("meta"):  # no random init of 300M+ parameters only to overwrite them
         vae, var = build_vae(OFFICIAL_ARCH), build_var(OFFICIAL_ARCH, args.depth)
-    return load_weights(vae, vae_path).to(device), load_weights(var, var_path).to(device)
+    return load_weights(vae, files["vae"]).to(device), load_weights(var, files["var"]).to(device)
+
+
+def base_weight_files(args: Config) -> dict:
+    """{"vae": path, "var": path}: the files the tokenizer and the starting VAR are read from (downloaded if missing)."""
+    if args.tiny:
+        return {"vae": Path(toy_path("vae.pth", args.vae_ckpt)), "var": Path(toy_path("var.pth", args.var_ckpt))}
+    return {"vae": weight_path(args.vae_ckpt, VAR_URL + VAE_FILE, args),
+            "var": weight_path(args.var_ckpt, VAR_URL + f"var_d{args.depth}.pth", args)}
+
+
+_sha256_of: dict = {}  # (path, size, mtime) -> sha256: each file is hashed once per process unless it changes
+
+
+def file_sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _sha256_of:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        _sha256_of[key] = h.hexdigest()
+    return _sha256_of[key]
+
+
+def base_fingerprint(args: Config) -> dict:
+    """The sha256 of each base weight file: recorded in every checkpoint, so that a resumed run (and the LoRA merge at
+    the end) can refuse a base that changed underneath it."""
+    return {name: file_sha256(path) for name, path in base_weight_files(args).items()}
 
 
 TOY_DIR = Path(__file__).resolve().parent / "notebooks" / "toy"
 
 
 TOY_RESTORE = (f"The toy world's weights ship with the repository in {TOY_DIR}: restore them with `git checkout -- "
-               f"notebooks/toy`, or rebuild them from scratch with `python notebooks/toy_world.py` (about 25 minutes on "
-               f"2 CPU cores).")
+               f"notebooks/toy`, or rebuild them from scratch with `python notebooks/toy_world.py --out notebooks/toy` "
+               f"(about 25 minutes on 2 CPU cores).")
 
 
 def toy_path(name: str, local: str = "") -> str:
@@ -1051,7 +1121,8 @@ def load_clip(name: str, pretrained: Optional[str]):
     except Exception as e:
         if pretrained is None or not Path(pretrained).is_file():
             raise
-        restore = f"\n{TOY_RESTORE}" if Path(pretrained).resolve().parent == TOY_DIR else ""
+        restore = (f"\n{TOY_RESTORE}" if Path(pretrained).resolve().parent == TOY_DIR else
+                   f" If it is a download in the weight cache, delete {pretrained}: the next run downloads it afresh.")
         raise WeightsError(f"{pretrained} cannot be loaded as {name} weights by open_clip ({type(e).__name__}: "
                            f"{str(e)[:300]}).{restore}") from None
 
@@ -1170,8 +1241,8 @@ class RunConfig(Config):
     60 characters plus a hash"""
     resume: bool = False
     """continue the run in --out from its checkpoint.pt, with the same settings: it refuses, naming them, any change but
-    --steps, --eval-every, --save-every, --summary-samples, --device, --micro-batch, --grad-checkpointing,
-    --sample-batch, --compile, --cuda-graphs, --cache-dir"""
+    --steps (not below the checkpoint's), --eval-every, --save-every, --summary-samples, --device (of the same type),
+    --micro-batch, --grad-checkpointing, --compile, --cuda-graphs, --cache-dir"""
     eval_every: int = 50
     """save an evaluation grid every this many steps (also at step 0 and at the end)"""
     save_every: int = 50
@@ -1190,7 +1261,9 @@ class RunConfig(Config):
     micro_batch: int = 8
     """images per forward/backward pass; gradients accumulate over a minibatch (lower it to save memory)"""
     sample_batch: int = 0
-    """images sampled at once in a rollout (0: all P*G); lower it to save the KV cache's memory"""
+    """images sampled at once in a rollout (0: all P*G); lower it to save the KV cache's memory. The tokens drawn
+    depend on it (one generator feeds the chunks in turn), so a run is reproducible for a given value, and --resume
+    keeps it"""
     grad_checkpointing: bool = False
     """recompute each block's activations in the backward pass: less memory, ~30% slower updates"""
     compile: bool = True
@@ -1231,7 +1304,12 @@ def parse_config(argv: Optional[List[str]] = None) -> RunConfig:
             parser.add_argument(flag, type=type(f.default), default=f.default, help=helps[f.name])
     if parser.parse_args(argv).tiny:
         parser.set_defaults(**TINY_DEFAULTS)
-    return RunConfig(**vars(parser.parse_args(argv)))
+    return with_default_lr(RunConfig(**vars(parser.parse_args(argv))))
+
+
+def with_default_lr(args: RunConfig) -> RunConfig:
+    """args, with --lr 0 replaced by DEFAULT_LR for what is trained (full weights or LoRA adapters, toy or real)."""
+    return args if args.lr != 0 else replace(args, lr=DEFAULT_LR[(args.tiny, args.lora_rank > 0)])
 
 
 def parse_reward_spec(spec: str) -> dict:
@@ -1289,6 +1367,26 @@ def parse_classes(spec: str, num_classes: int) -> torch.Tensor:
     return torch.tensor(ids)
 
 
+def class_pools(args: Config, num_classes: int):
+    """(training classes, held-out classes): --classes without --heldout-classes. auto holds out a seeded tenth of the
+    pool when it has >= 100 classes (100 of ImageNet's 1000), none of a smaller one (the toy world's 10)."""
+    pool, spec = parse_classes(args.classes, num_classes), args.heldout_classes.strip().lower()
+    if spec == "none" or (spec == "auto" and len(pool) < 100):
+        return pool, pool[:0]
+    if spec == "auto":
+        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(args.seed + 40_000))
+        heldout = pool[order[:len(pool) // 10]].sort().values
+    else:
+        try:
+            heldout = parse_classes(spec, num_classes)
+        except ValueError as e:
+            raise ValueError(str(e).replace("--classes", "--heldout-classes") + " (or auto, or none)") from None
+    training = pool[~torch.isin(pool, heldout)]
+    if len(training) == 0:
+        raise ValueError(f"--heldout-classes {args.heldout_classes!r} holds out every class of the pool; leave some to train on")
+    return training, heldout
+
+
 OFFICIAL_DEPTHS = (16, 20, 24, 30)  # the var_d{depth}.pth files FoundationVision publishes
 
 
@@ -1299,9 +1397,11 @@ def check_config(args: Config):
     def need(ok: bool, problem: str):
         if not ok:
             problems.append(problem)
-    for f in fields(RunConfig):  # argparse reads "nan" and "inf" as floats
-        value = getattr(args, f.name)
-        need(not isinstance(value, float) or math.isfinite(value), f"--{f.name.replace('_', '-')} {value}: must be a finite number")
+    for f in fields(RunConfig):  # argparse reads "nan" and "inf" as floats, and integers of any size
+        value, flag = getattr(args, f.name), "--" + f.name.replace("_", "-")
+        need(not isinstance(value, float) or math.isfinite(value), f"{flag} {value}: must be a finite number")
+        limit = 2**62 if f.name == "seed" else 2**31
+        need(not isinstance(value, int) or abs(value) < limit, f"{flag} {value}: must be below {limit} in size")
     if problems:
         raise ValueError("bad configuration:\n  " + "\n  ".join(problems))
     need(args.group_size >= 2, f"--group-size {args.group_size}: GRPO compares images within a group, so it needs at least 2")
@@ -1314,12 +1414,14 @@ def check_config(args: Config):
                         ("--lora-rank", args.lora_rank), ("--eval-top-k", args.eval_top_k), ("--beta", args.beta),
                         ("--cfg", args.cfg), ("--adv-eps", args.adv_eps), ("--weight-decay", args.weight_decay)):
         need(value >= 0, f"{flag} {value}: must be >= 0")
-    need(0 < args.lr <= 1, f"--lr {args.lr}: must be in (0, 1]; AdamW moves each weight by about lr a step, so above 1 "
+    need(0 <= args.lr <= 1, f"--lr {args.lr}: must be in [0, 1] (0: the default); AdamW moves each weight by about lr a step, so above 1 "
                           f"the first update wrecks the model (1e-5 for full fine-tuning, ~1e-4 with LoRA)")
     need(args.temperature > 0, f"--temperature {args.temperature}: must be > 0 (1: the model's own distribution)")
     need(0 < args.clip_eps <= 1, f"--clip-eps {args.clip_eps}: must be in (0, 1] (0.2 is usual)")
     need(args.max_grad_norm > 0, f"--max-grad-norm {args.max_grad_norm}: must be > 0")
     need(0 <= args.eval_top_p <= 1, f"--eval-top-p {args.eval_top_p}: must be in [0, 1] (0: off)")
+    need(args.num_eval <= 256, f"--num-eval {args.num_eval}: at most 256 (an evaluation grid is one PNG, 4 images a row)")
+    need(args.seed >= 0, f"--seed {args.seed}: must be >= 0")
     n = args.classes_per_step * args.group_size
     if args.classes_per_step >= 1 and args.minibatches >= 1 and args.micro_batch >= 1:
         need(n % args.minibatches == 0 and (n // args.minibatches) % args.micro_batch == 0,
@@ -1352,7 +1454,7 @@ def check_config(args: Config):
     except ValueError as e:
         problems.append(str(e))
     try:
-        parse_classes(args.classes, (TOY_ARCH if args.tiny else OFFICIAL_ARCH)["num_classes"])
+        class_pools(args, (TOY_ARCH if args.tiny else OFFICIAL_ARCH)["num_classes"])
     except ValueError as e:
         problems.append(str(e))
     try:
@@ -1429,7 +1531,7 @@ def step_record(reward_B, parts: dict, adv_B, mb_stats: List[List[dict]], grad_n
         clip_frac_first=mean("clip_frac", first),
         ratio_later=mean("ratio_mean", later),
         clip_frac_later=mean("clip_frac", later),
-        logprob_gap_max=gap_BL.max().item(),
+        logprob_gap_max=gap_BL.max().item(),  # over the first minibatch, before the step's first update
         logprob_gap_mean=gap_BL.mean().item(),
         entropy=mean("entropy"),
         grad_norm=float(np.mean(grad_norms)),
@@ -1440,6 +1542,22 @@ def step_record(reward_B, parts: dict, adv_B, mb_stats: List[List[dict]], grad_n
         images_per_s=len(reward_B) / sum(seconds.values()),
         peak_gpu_mem_gb=max(peak_gb.values()) if peak_gb else None,
         **{f"peak_gpu_mem_gb_{phase}": peak_gb.get(phase) for phase in ("sample", "reward", "update")})
+
+
+def non_finite_advice(grad_norm: float, stats: List[dict], args: Config) -> str:
+    """Why an update's gradient is not finite, and which setting to change, judged from the loss terms."""
+    kl_bad = any(not math.isfinite(st["kl_loss"]) for st in stats)
+    surrogate_bad = any(not math.isfinite(st["policy_loss"]) for st in stats)
+    if kl_bad:
+        cause = (f"the KL term (beta {args.beta} x k3 KL, whose exp(log pi_ref - log pi_theta) overflowed) is not finite: "
+                 f"the policy has moved too far from pi_ref. Lower --lr (now {args.lr}); a larger --beta would not help")
+    elif surrogate_bad:
+        cause = (f"the clipped surrogate is not finite (a non-finite advantage or log-probability): lower --lr (now "
+                 f"{args.lr}), and check the reward")
+    else:
+        cause = (f"the loss terms are finite, so the backward pass overflowed: lower --lr (now {args.lr})"
+                 + (f" or --cfg (now {args.cfg}: guidance scales the logits' gradient)" if args.cfg > 3 else ""))
+    return f"the gradient norm is {grad_norm}, so this update was not applied; {cause}"
 
 
 def group_diversity(features_BD, group_size: int) -> float:
@@ -1457,7 +1575,7 @@ class Evaluation:
     eval_step{step}.png in out; returns their mean reward. Guidance --eval-cfg, top-k / top-p as --eval-top-k/p say."""
     def __init__(self, vae, reward_fn, args: Config, pool, device: torch.device, out: Path):
         self.vae, self.reward_fn, self.args, self.device, self.out = vae, reward_fn, args, device, out
-        self.labels = pool[torch.arange(args.num_eval) % len(pool)].to(device)
+        self.labels = spread_classes(pool, args.num_eval, args.seed).to(device)
 
     def __call__(self, var: VAR, step: int) -> float:
         args = self.args
@@ -1470,14 +1588,29 @@ class Evaluation:
 
 
 @torch.no_grad()
-def compare_policies(var: VAR, pi_ref, vae, reward_fn, judge, pool, args: Config, device) -> dict:
+def compare_policies(var: VAR, pi_ref, vae, reward_fn, judge, pool, heldout, args: Config, device) -> dict:
     """Did the policy change, or did the training batches get lucky? Fresh samples of the starting policy (pi_ref)
-    and of the final one, with the same classes and seeds, drawn as in training (guidance,
-    temperature, no top-k): their mean reward with the standard error of the difference, their diversity (mean
-    pairwise distance of the reward features between samples of one class); in the toy world also the judge's class
-    accuracy, the share of each colour, and the share of the colour the prompt names, measured from pixels."""
-    n, chunk = args.summary_samples, args.sample_batch or args.classes_per_step * args.group_size  # known to fit
-    labels = pool[torch.arange(n) % len(pool)].to(device)
+    and of the final one, with the same classes and seeds, drawn as in training (guidance, temperature, no top-k):
+    their mean reward with the standard error of the difference (unpaired, and paired by class and seed), each reward
+    component alone, their diversity (mean pairwise distance of the reward features between samples of one class),
+    and the judge's class accuracy with its standard error; in the toy world also the share of each colour, and of
+    the colour the prompt names, measured from pixels. The classes never drawn for training (heldout) are measured
+    the same way, apart. Every number is finite or null (summary.json is strict JSON)."""
+    result = measure_policies(var, pi_ref, vae, reward_fn, judge, spread_classes(pool, args.summary_samples, args.seed),
+                              args, device, "training classes")
+    if len(heldout):
+        result["heldout"] = measure_policies(var, pi_ref, vae, reward_fn, judge,
+                                             spread_classes(heldout, args.summary_samples, args.seed), args, device,
+                                             f"{len(heldout)} held-out classes")
+        result["heldout"]["classes"] = heldout.tolist()
+    if judge is not None:
+        result["class_judge"] = judge.description
+    return result
+
+
+def measure_policies(var: VAR, pi_ref, vae, reward_fn, judge, labels, args: Config, device, what: str) -> dict:
+    n, chunk = len(labels), args.sample_batch or args.classes_per_step * args.group_size  # known to fit
+    labels = labels.to(device)
     result, drawn = {}, {}  # drawn: per policy, the total reward and each component of every sample
     for name in ("start", "end"):
         with pi_ref() if name == "start" else nullcontext(var) as policy:
@@ -1491,6 +1624,7 @@ def compare_policies(var: VAR, pi_ref, vae, reward_fn, judge, pool, args: Config
                 features.append(features_BD)
                 if judge is not None:
                     hits.append(judge(images).argmax(-1) == labels[i:i + chunk])
+                if args.tiny:
                     colours.append(toy_colour_of(images))
         features_BD = torch.cat(features)
         drawn[name] = {"reward": torch.cat(rewards), **{c: torch.cat([p[c] for p in parts]) for c in parts[0]}}
@@ -1498,35 +1632,88 @@ def compare_policies(var: VAR, pi_ref, vae, reward_fn, judge, pool, args: Config
                      if (labels == c).sum() > 1]
         result[f"diversity_{name}"] = float(np.mean(per_class)) if per_class else None
         if judge is not None:
-            result[f"class_accuracy_{name}"] = torch.cat(hits).float().mean().item()
+            accuracy = torch.cat(hits).float().mean().item()
+            result[f"class_accuracy_{name}"] = accuracy
+            result[f"class_accuracy_se_{name}"] = math.sqrt(accuracy * (1 - accuracy) / n)  # binomial
+        if args.tiny:
             colour_B = torch.cat(colours)
             result[f"colours_{name}"] = {c: (colour_B == i).float().mean().item() for i, c in enumerate([*TOY_COLOURS, "none"])}
+
     def change(key: str) -> dict:  # start and end means, the standard error of their difference, the gain in it
         a_N, b_N = drawn["start"][key], drawn["end"][key]
-        se = math.sqrt((a_N.var().item() + b_N.var().item()) / n)
-        return dict(start=a_N.mean().item(), end=b_N.mean().item(), se=se,
-                    gain_in_se=(b_N.mean() - a_N.mean()).item() / se if se > 0 else None)
+        gain = (b_N.mean() - a_N.mean()).item()
+        var = lambda x_N: x_N.var().item() if n > 1 else float("nan")  # one sample has no variance: null in the JSON
+        se = math.sqrt((var(a_N) + var(b_N)) / n)
+        se_paired = math.sqrt(var(b_N - a_N) / n)  # sample i of both policies: the same class and seed
+        return dict(start=a_N.mean().item(), end=b_N.mean().item(), se=se, gain_in_se=gain / se if se > 0 else None,
+                    se_paired=se_paired, gain_in_se_paired=gain / se_paired if se_paired > 0 else None)
     total = change("reward")
-    se = total["se"]
-    result.update(reward_start=total["start"], reward_end=total["end"], reward_se=se,
-                  reward_gain_in_se=total["gain_in_se"], samples=n,
+    result.update(reward_start=total["start"], reward_end=total["end"], reward_se=total["se"],
+                  reward_gain_in_se=total["gain_in_se"], reward_se_paired=total["se_paired"],
+                  reward_gain_in_se_paired=total["gain_in_se_paired"], samples=n,
                   components={c: change(c) for c in drawn["start"] if c != "reward"})  # each R_j alone, unweighted
-    line = (f"{n} fresh samples, starting vs final policy: reward {result['reward_start']:.4f} -> {result['reward_end']:.4f} "
-            f"(+- {se:.4f}, a change of {result['reward_gain_in_se'] or 0:.1f} standard errors)")
-    if judge is not None:
+    if args.tiny:
         named = prompt_colours(args.prompt)
         if len(named) == 1:
             result.update(attribute=named[0], attribute_share_start=result["colours_start"][named[0]],
                           attribute_share_end=result["colours_end"][named[0]])
-            line += f"; {named[0]} shapes {result['attribute_share_start']:.1%} -> {result['attribute_share_end']:.1%}"
         else:
             result["attribute_note"] = (f"the prompt {args.prompt!r} names " + (f"{len(named)} toy colours ({', '.join(named)})"
                                         if named else "no toy colour") + "; the share of one colour is measured when it "
                                         "names exactly one (colours_start / colours_end hold every colour's share)")
-        line += f"; class accuracy {result['class_accuracy_start']:.1%} -> {result['class_accuracy_end']:.1%}"
+    result = finite_or_none(result)
+    num = lambda key, spec: "n/a" if result.get(key) is None else format(result[key], spec)
+    line = (f"{n} fresh samples of {what}, starting vs final policy: reward {num('reward_start', '.4f')} -> "
+            f"{num('reward_end', '.4f')} (+- {num('reward_se', '.4f')}, a change of {num('reward_gain_in_se', '.1f')} "
+            f"standard errors; paired by class and seed {num('reward_gain_in_se_paired', '.1f')})")
+    if "attribute" in result:
+        line += f"; {result['attribute']} shapes {result['attribute_share_start']:.1%} -> {result['attribute_share_end']:.1%}"
+    if judge is not None:
+        line += f"; class accuracy {num('class_accuracy_start', '.1%')} -> {num('class_accuracy_end', '.1%')}"
     print(line)
     return result
 
+
+def finite_or_none(x):
+    """x with every float that is not finite (NaN from one sample's variance, say) replaced by None (JSON null)."""
+    if isinstance(x, dict):
+        return {k: finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite_or_none(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def spread_classes(pool, n: int, seed: int):
+    """n class labels over the pool: every class equally often, in pool order, when n >= len(pool); else a seeded
+    random n of them (not the first n: ImageNet's first 256 ids are fish, birds and reptiles)."""
+    if n >= len(pool):
+        return pool[torch.arange(n) % len(pool)]
+    return pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed + 30_000))[:n]]
+
+
+class ClipClassJudge(nn.Module):
+    """Class fidelity at full size, without new weights: CLIP zero-shot classification over the 1000 ImageNet class
+    names open_clip ships, each embedded through its 7 simple templates ("itap of a {}.", ...) and averaged. Caveat:
+    the judge is the reward's own CLIP, so a policy that learned to please it could please it about the class too."""
+    description = ("CLIP zero-shot over open_clip's 1000 ImageNet class names and its 7 simple templates; the reward's "
+                   "own CLIP, so not independent of what was optimised")
+
+    def __init__(self, clip_model, tokenizer, class_names, templates, device: torch.device):
+        super().__init__()
+        self.clip = clip_model
+        with torch.no_grad():
+            texts = [template(name) for name in class_names for template in templates]
+            emb = torch.cat([self.clip.encode_text(tokenizer(texts[i:i + 1000]).to(device)).float()
+                             for i in range(0, len(texts), 1000)])
+            emb_NTD = F.normalize(emb, dim=-1).view(len(class_names), len(templates), -1)
+            self.register_buffer("class_emb_ND", F.normalize(emb_NTD.mean(1), dim=-1))
+
+    @torch.no_grad()
+    def forward(self, images_B3HW):
+        """Class scores (B, num_classes) of images in [0, 1]."""
+        with autocast(images_B3HW.device):
+            features_BD = F.normalize(self.clip.encode_image(clip_input(self.clip, images_B3HW)).float(), dim=-1)
+        return features_BD @ self.class_emb_ND.T
 
 
 def shape_mask(images_B3HW):
@@ -1591,13 +1778,21 @@ class ShapeJudge(nn.Module):
 
 
 
-def load_judge(args: Config, device: torch.device) -> Optional[nn.Module]:
-    """The toy world's ShapeJudge for --tiny (class accuracy of samples); None at full size (no ImageNet judge)."""
-    if not args.tiny:
+def load_judge(args: Config, device: torch.device, reward_fn: Optional[Reward] = None) -> Optional[nn.Module]:
+    """What names the class of a sample, apart from the reward: the toy world's ShapeJudge (--tiny), or at full size
+    CLIP zero-shot (ClipClassJudge, when the reward runs CLIP); None otherwise."""
+    if args.tiny:
+        with torch.device("meta"):
+            judge = ShapeJudge(TOY_ARCH["num_classes"])
+        judge = load_toy(judge, "judge.pth").to(device).eval().requires_grad_(False)
+        judge.description = "the toy world's ShapeJudge: a CNN that names the shape from its silhouette alone"
+        return judge
+    if reward_fn is None or reward_fn.clip is None:
         return None
-    with torch.device("meta"):
-        judge = ShapeJudge(TOY_ARCH["num_classes"])
-    return load_toy(judge, "judge.pth").to(device).eval().requires_grad_(False)
+    import open_clip
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, SIMPLE_IMAGENET_TEMPLATES
+    return ClipClassJudge(reward_fn.clip, open_clip.get_tokenizer(args.clip_model), IMAGENET_CLASSNAMES,
+                          SIMPLE_IMAGENET_TEMPLATES, device)
 
 
 _clip_config_dir: Optional[str] = None
@@ -1610,6 +1805,7 @@ _clip_config_dir: Optional[str] = None
 
 def train(args: RunConfig) -> dict:
     """Check every setting and path, take --out for this run alone, then run GRPO."""
+    args = with_default_lr(args)
     check_config(args)
     device = resolve_device(args.device)
     out = out_dir(args)
@@ -1617,7 +1813,7 @@ def train(args: RunConfig) -> dict:
     if needs_download(args):
         check_writable(cache_dir(args), "--cache-dir" if args.cache_dir else "the weight cache ($VAR_GRPO_CACHE or ~/.cache/var_grpo)")
     with run_lock(out):
-        ck = open_checkpoint(args, out)
+        ck = open_checkpoint(args, out, device)
         if args.tiny:
             print(f"--tiny: the toy world on {args.device}: VAR-d{TOY_DEPTH} pretrained on 32 px shapes of 8 colours "
                   f"(notebooks/toy_world.py), fine-tuned for --reward {args.reward} with --prompt {args.prompt!r} "
@@ -1648,6 +1844,11 @@ def export_state_dict(var: VAR, args: Config) -> dict:
     base weights read again from disk (a GPU held them in bf16), adapter keys dropped."""
     if args.lora_rank == 0:
         return var.state_dict()
+    changed = [name for name, sha in base_fingerprint(args).items() if sha != getattr(var, "base_sha256", {}).get(name, sha)]
+    if changed:
+        raise WeightsError(f"the base weights ({', '.join(str(base_weight_files(args)[n]) for n in changed)}) changed "
+                           f"since this run started, so the adapters cannot be merged onto them; restore the original "
+                           f"file(s): the adapters are in checkpoint.pt")
     merged = load_models(args, torch.device("cpu"))[1].state_dict()
     for name, m in var.named_modules():
         if isinstance(m, LoRALinear):
@@ -1746,7 +1947,10 @@ def atomic_save(obj, path: Path):
 # What a resumed run may change: how long it runs, how often it saves and evaluates, and how it uses the machine.
 # Anything else would silently not apply (the optimizer keeps its learning rate) or change the experiment midway.
 RESUME_MAY_CHANGE = ("steps", "eval_every", "save_every", "summary_samples", "device", "micro_batch",
-                     "grad_checkpointing", "sample_batch", "compile", "cuda_graphs", "cache_dir")
+                     "grad_checkpointing", "compile", "cuda_graphs", "cache_dir")
+# What a run writes into --out; a new run refuses an --out that holds any of them without a checkpoint to resume.
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "var_final.pth", "before_after.png", "reward_curve.png",
+             "eval_step00000.png")
 
 
 def out_dir(args: Config) -> Path:
@@ -1787,28 +1991,42 @@ def run_lock(out: Path):
 
 def start_or_resume(args: Config, out: Path, ck: Optional[dict], var: VAR, opt, gens: dict):
     """(first step, records so far): 0 and none for a new run; else the checkpoint's model, optimizer and random
-    streams restored, and metrics.jsonl cut back to the steps it holds. Writes config.json."""
-    start = 0
+    streams restored, and metrics.jsonl cut back to the steps it holds. A resumed run's base weights must be the
+    ones it started from. Writes config.json."""
+    start, records = 0, []
+    var.base_sha256 = base_fingerprint(args)  # what the run started from (a plain attribute: not in the state_dict)
     if ck is not None:
+        old = ck.get("base_sha256", var.base_sha256)  # (checkpoints written before this check was added: not checked)
+        changed = [name for name in old if old[name] != var.base_sha256.get(name)]
+        if changed:
+            raise WeightsError("--resume: the base weights changed since the checkpoint was written: "
+                               + ", ".join(f"{base_weight_files(args)[n]} (sha256 {var.base_sha256[n][:12]}..., was "
+                                           f"{old[n][:12]}...)" for n in changed)
+                               + ". A resumed run must continue from the same base: restore the original file(s), or "
+                               "start a new run in another --out.")
         var.load_state_dict(ck["model"], strict=args.lora_rank == 0)  # LoRA: the adapters; the base came from disk
         opt.load_state_dict(ck["optimizer"])
         for name, gen in gens.items():
             gen.set_state(ck[f"{name}_gen"])
-        start = ck["step"]
+        start, records = ck["step"], ck["records"]
         print(f"resumed {out} at step {start}")
     (out / "config.json").write_text(json.dumps(vars(args), indent=1))
-    records = read_metrics(out / "metrics.jsonl", start) if args.resume else []
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return start, records
 
 
 def save_checkpoint(path: Path, step: int, var: VAR, opt, gens: dict, args: Config):
     atomic_save(dict(model=trained_state_dict(var, args), optimizer=opt.state_dict(), step=step, config=vars(args),
-                     **{f"{name}_gen": gen.get_state() for name, gen in gens.items()}), path)
+                     base_sha256=var.base_sha256, **{f"{name}_gen": gen.get_state() for name, gen in gens.items()}), path)
 
 
-def log_step(rec: dict, metrics_path: Path):
-    """One JSON line in metrics.jsonl, one printed line for a person."""
+STUCK_STEPS = 5  # steps in a row with every advantage 0 before log_step warns
+
+
+def log_step(records: List[dict], metrics_path: Path, args: Config):
+    """The last step's record: one JSON line in metrics.jsonl, one printed line for a person; and a warning when the
+    last STUCK_STEPS steps could not learn anything (every group's rewards equal, so every advantage 0)."""
+    rec = records[-1]
     with open(metrics_path, "a") as f:
         f.write(json.dumps(rec) + "\n")
     from tqdm import tqdm
@@ -1818,52 +2036,84 @@ def log_step(rec: dict, metrics_path: Path):
                f"{rec['time_sample'] + rec['time_reward'] + rec['time_update']:.2f}s (sample {rec['time_sample']:.2f} "
                f"reward {rec['time_reward']:.2f} update {rec['time_update']:.2f})"
                + (f" | eval reward {rec['eval_reward']:.4f}" if "eval_reward" in rec else ""))
+    recent = records[-STUCK_STEPS:]
+    if len(recent) == STUCK_STEPS and all(r.get("zero_adv_groups") == 1 for r in recent) and rec["step"] % STUCK_STEPS == STUCK_STEPS - 1:
+        tqdm.write(f"warning: in each of the last {STUCK_STEPS} steps every group's {args.group_size} images got the same "
+                   f"reward, so every advantage was 0 and nothing was learned. The samples do not vary enough for the "
+                   f"reward to tell them apart: raise --temperature (now {args.temperature}) or --group-size, or choose a "
+                   f"reward that varies (--reward {args.reward}).", file=sys.stderr)
 
 
 @contextmanager
-def ctrl_c_stops_after_the_step():
-    """Yields a list that the first Ctrl-C appends to: the loop then saves and stops after the current step. The
-    second Ctrl-C meets the previous handler and stops at once (main turns that into a message)."""
+def signals_stop_after_the_step():
+    """Yields a list to which the first Ctrl-C, SIGTERM or SIGHUP (what Slurm and Kubernetes send before they kill a
+    job; a closed terminal) appends its name: the loop then finishes the step, saves and stops. The previous handlers
+    are put back at once, so a second signal acts at once (a second Ctrl-C: main's message; SIGTERM: the process
+    ends). Signals reach only the main thread: from another thread nothing is installed."""
     stop = []
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    signums = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {signum: signal.getsignal(signum) for signum in signums}
 
-    def on_ctrl_c(signum, frame):
-        stop.append(signum)
-        print("\nCtrl-C: finishing this step, then saving and stopping (Ctrl-C again stops at once, without saving "
-              "this step)", flush=True)
-        signal.signal(signal.SIGINT, previous_handler)
-    previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
+    def put_back():
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+    def on_signal(signum, frame):
+        stop.append("Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name)
+        print(f"\n{stop[0]}: finishing this step, then saving and stopping (Ctrl-C again stops at once, without saving "
+              f"this step)", flush=True)
+        put_back()
+    for signum in signums:
+        signal.signal(signum, on_signal)
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        put_back()
 
 
 @contextmanager
 def failures_keep_checkpoints(out: Path):
-    """Out of GPU memory, or a non-finite update: say what to change, and that the checkpoints in out are kept."""
+    """Out of memory (GPU or CPU), or a non-finite update: say what to change, and what is kept in out."""
+    def kept() -> str:
+        if (out / "checkpoint.pt").exists():
+            return f"Checkpoints already written in {out} are kept (--resume continues from the last one)."
+        return f"No checkpoint had been written in {out} yet (the first comes after --save-every steps)."
+    lower = ("Lower --micro-batch (memory of an update), --sample-batch (memory of sampling), --classes-per-step or "
+             "--group-size, add --grad-checkpointing")
     try:
         yield
     except torch.cuda.OutOfMemoryError as e:
         raise torch.cuda.OutOfMemoryError(
-            f"{e}\nOut of GPU memory. Lower --micro-batch (memory of an update), --sample-batch (memory of sampling), "
-            f"--classes-per-step or --group-size, add --grad-checkpointing, leave out --cuda-graphs (they hold the "
-            f"rollout's KV cache), or train LoRA adapters with --lora-rank 16 "
-            f"(README: memory per depth). Checkpoints already written in {out} are kept.") from None
+            f"{e}\nOut of GPU memory. {lower}, leave out --cuda-graphs (they hold the rollout's KV cache), or train "
+            f"LoRA adapters with --lora-rank 16 (README: memory per depth). {kept()}") from None
+    except (MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "can't allocate memory" not in str(e) and "not enough memory" not in str(e):
+            raise
+        raise MemoryError(f"out of CPU memory ({str(e)[:200]}). {lower}, or use a machine with more memory. "
+                          f"{kept()}") from None
     except FloatingPointError as e:
-        raise FloatingPointError(f"{e}. Checkpoints already written in {out} are kept.") from None
+        raise FloatingPointError(f"{e}. {kept()}") from None
 
 
 def write_final_outputs(out: Path, args: Config, records: List[dict], summary: Optional[dict], var: VAR):
-    """summary.json, before_after.png, reward_curve.png, var_final.pth; then the list of what is in out."""
-    if summary is not None:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    final = out / f"eval_step{args.steps:05d}.png"
-    if records and final.exists():
-        save_before_after(out / "eval_step00000.png", final, out / "before_after.png")
-    if records:
-        save_reward_curve(records, out / "reward_curve.png")
+    """var_final.pth, summary.json, then the pictures (before_after.png, reward_curve.png), which may fail without
+    taking the rest with them; then the list of what is in out."""
     # official key names (LoRA merged): loads with --var-ckpt, or into the official VAR
     atomic_save(export_state_dict(var, args), out / "var_final.pth")
+    if summary is not None:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
+    final = out / f"eval_step{args.steps:05d}.png"
+    try:
+        if records and final.exists() and (out / "eval_step00000.png").exists():
+            save_before_after(out / "eval_step00000.png", final, out / "before_after.png")
+        if records:
+            save_reward_curve(records, out / "reward_curve.png")
+    except Exception as e:  # a picture is for looking at; the weights and the numbers are already written
+        print(f"warning: a picture could not be drawn ({type(e).__name__}: {str(e)[:200]}); var_final.pth and "
+              f"summary.json are written", file=sys.stderr)
     grids = sorted(out.glob("eval_step*.png"))
     written = [p.name for p in sorted(out.iterdir()) if p.suffix in (".json", ".jsonl", ".png", ".pth", ".pt") and p not in grids]
     print(f"outputs in {out}: {', '.join(written)}" + (f", {len(grids)} evaluation grids eval_step*.png" if grids else ""))
@@ -1876,13 +2126,18 @@ def needs_download(args: Config) -> bool:
                              or ("aesthetic" in reward and not args.aesthetic_ckpt))
 
 
-def open_checkpoint(args: Config, out: Path) -> Optional[dict]:
-    """None for a new run, which needs an --out without a checkpoint. With --resume: the checkpoint, checked to be
-    readable and from a run with the same settings (those in RESUME_MAY_CHANGE aside), before anything is loaded."""
+def open_checkpoint(args: Config, out: Path, device: torch.device) -> Optional[dict]:
+    """None for a new run, which needs an --out without another run's files. With --resume: the checkpoint, loaded
+    without unpickling any code, checked to be complete and from a run with the same settings (those in
+    RESUME_MAY_CHANGE aside), and the metrics it continues, all before any model is loaded or any file rewritten."""
     path = out / "checkpoint.pt"
     if not args.resume:
         if path.exists():
             raise FileExistsError(f"{out} already holds a run (checkpoint.pt); pass --resume to continue it or choose another --out")
+        others = [name for name in RUN_FILES if (out / name).exists()]
+        if others:
+            raise FileExistsError(f"{out} holds another run's files ({', '.join(others)}) but no checkpoint.pt to "
+                                  f"resume: a new run would overwrite them. Choose another --out, or move those files away.")
         return None
     if not path.exists():
         metrics = out / "metrics.jsonl"
@@ -1892,12 +2147,17 @@ def open_checkpoint(args: Config, out: Path) -> Optional[dict]:
                                     f"metrics.jsonl but stopped before its first checkpoint (one every --save-every "
                                     f"steps, and on Ctrl-C). Start it again without --resume.")
         raise FileNotFoundError(f"--resume: there is no {path}; point --out at the run to continue")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds RNG states and config
-        old = ck["config"]
+    try:  # weights_only: tensors and plain containers only, so that a planted file cannot run code
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"--resume: {path} holds objects other than tensors and plain containers, which "
+                         f"torch.load(weights_only=True) refuses to unpickle ({str(e).splitlines()[0][:160]}). This "
+                         f"script never writes such a file; it was not loaded, since unpickling it could run code. Start "
+                         f"the run again in another --out.") from None
     except Exception as e:
         raise ValueError(f"--resume: {path} cannot be read ({type(e).__name__}: {str(e)[:200]}): it is damaged, e.g. "
                          f"truncated by a copy. Restore it from a backup, or start the run again in another --out.") from None
+    old = ck.get("config") if isinstance(ck, dict) and isinstance(ck.get("config"), dict) else {}
     differs = [k for k in vars(args) if k not in RESUME_MAY_CHANGE + ("out", "resume", "bench", "bench_batch")
                and old.get(k, getattr(RunConfig, k)) != getattr(args, k)]
     if differs:
@@ -1906,7 +2166,49 @@ def open_checkpoint(args: Config, out: Path) -> Optional[dict]:
             + f". A resumed run continues the same experiment: give the original values (they are in "
             f"{out / 'config.json'}), or start a new run in another --out. Only these may change on --resume: "
             + ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE) + ".")
+    problems = checkpoint_problems(ck, args, device)  # after the settings: a changed setting is the clearer message
+    if problems:
+        raise ValueError(f"--resume: {path} is not a checkpoint this run can continue: " + "; ".join(problems) +
+                         ". Restore it from a backup, or start the run again in another --out.")
+    if args.steps < ck["step"]:
+        raise ValueError(f"--resume --steps {args.steps}: {path} is already at step {ck['step']}, and a run cannot go "
+                         f"back; give --steps {ck['step']} or more (the run's own value: {old.get('steps')})")
+    ck["records"] = read_metrics(out / "metrics.jsonl", ck["step"])
     return ck
+
+
+def checkpoint_problems(ck, args: Config, device: torch.device) -> List[str]:
+    """What keeps ck from being resumed by this run: missing entries, wrong types, model keys or shapes other than
+    this run's model has (built on the meta device: no memory, no time), random states of another device type."""
+    if not isinstance(ck, dict):
+        return [f"it holds a {type(ck).__name__}, not a dict"]
+    want = {"model": dict, "optimizer": dict, "step": int, "config": dict,
+            **{f"{name}_gen": torch.Tensor for name in ("class", "sample", "shuffle")}}
+    problems = [f"{key} is missing" if key not in ck else f"{key} is a {type(ck[key]).__name__}, not a {kind.__name__}"
+                for key, kind in want.items() if not isinstance(ck.get(key), kind)]
+    if problems:
+        return problems
+    with torch.device("meta"):
+        model = build_var(TOY_ARCH if args.tiny else OFFICIAL_ARCH, TOY_DEPTH if args.tiny else args.depth)
+        if args.lora_rank > 0:
+            add_lora(model, args.lora_rank)
+    want_shapes = {k: tuple(v.shape) for k, v in trained_state_dict(model, args).items()}
+    got = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for k, v in ck["model"].items()}
+    missing, unexpected = sorted(set(want_shapes) - set(got)), sorted(set(got) - set(want_shapes))
+    wrong = [f"{k} {got[k]} instead of {want_shapes[k]}" for k in want_shapes if k in got and got[k] != want_shapes[k]]
+    for what, items in (("model keys missing", missing), ("unexpected model keys", unexpected), ("model entries", wrong)):
+        if items:
+            problems.append(f"{what}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}")
+    if ck["step"] < 0:
+        problems.append(f"its step is {ck['step']}")
+    for name in ("class", "sample", "shuffle"):
+        try:
+            torch.Generator(device if name == "sample" else "cpu").set_state(ck[f"{name}_gen"])
+        except (RuntimeError, TypeError):
+            problems.append(f"its {name} random state is not one a {device.type if name == 'sample' else 'cpu'} "
+                            f"generator takes" + (" (it was written on another device type: resume on that one)"
+                                                  if name == "sample" else ""))
+    return problems
 
 
 def read_metrics(path: Path, before_step: int) -> List[dict]:
@@ -1917,6 +2219,9 @@ def read_metrics(path: Path, before_step: int) -> List[dict]:
     for i, line in enumerate(lines):
         try:
             records.append(json.loads(line))
+            if not isinstance(records[-1], dict) or not isinstance(records[-1].get("step"), int):
+                raise ValueError(f"{path}, line {i + 1}, is not a step's record (a JSON object with an integer "
+                                 f"\"step\"): {line[:60]!r}; repair or delete that line, then --resume again")
         except json.JSONDecodeError:
             if i == len(lines) - 1:
                 print(f"warning: the last line of {path} is incomplete (the run was stopped while writing it); "
@@ -1924,7 +2229,7 @@ def read_metrics(path: Path, before_step: int) -> List[dict]:
                 break
             raise ValueError(f"{path}, line {i + 1}, is not a JSON record ({line[:60]!r}); repair or delete that line, "
                              f"then --resume again") from None
-    return [r for r in records if r.get("step", before_step) < before_step]
+    return [r for r in records if r["step"] < before_step]
 
 
 
@@ -2088,6 +2393,7 @@ def update_flops(var: VAR, args: RunConfig, n_images: int) -> float:
 
 
 def benchmark(args: RunConfig, repeats: int = 3) -> dict:
+    args = with_default_lr(args)
     check_config(args)
     device = resolve_device(args.device)
     arch = TOY_ARCH if args.tiny else OFFICIAL_ARCH

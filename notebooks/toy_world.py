@@ -31,8 +31,8 @@ builds a world small enough to pretrain in minutes on 2 CPU cores, with the very
      strict=True for --tiny, and training.json with the command, seed, CPU minutes and quality. Every quality figure
      is measured on the exported weights as var_grpo.py loads them.
 
-Run from the repository root:  python notebooks/toy_world.py  (rebuilds notebooks/toy/; --quick: a smoke run into a
-temporary directory)
+Run from the repository root:  python notebooks/toy_world.py --out notebooks/toy  (rebuilds the shipped weights;
+without --out it writes into a new scratch directory, so that no run replaces them by accident; --quick: a smoke run)
 """
 from __future__ import annotations
 
@@ -463,6 +463,12 @@ def reload(model: nn.Module, path: Path) -> nn.Module:
     return vg.load_weights(model, path).eval().requires_grad_(False)
 
 
+def output_dir(out: str) -> Path:
+    """--out, else a new scratch directory: the shipped weights are replaced only when --out names their folder."""
+    import tempfile
+    return Path(out) if out else Path(tempfile.mkdtemp(prefix="toy_world_"))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Pretrain the toy world's judge, VQ-VAE, VAR, CLIP and aesthetic head "
                                                  "from scratch.")
@@ -472,14 +478,13 @@ def main(argv=None):
     parser.add_argument("--var-steps", type=int, default=6000)
     parser.add_argument("--clip-steps", type=int, default=800)
     parser.add_argument("--aesthetic-steps", type=int, default=600)
-    parser.add_argument("--out", default="", help=f"where the weights go (default {TOY_DIR}, the shipped ones)")
-    parser.add_argument("--quick", action="store_true", help="a smoke run of 20 steps per stage, into a new temporary "
-                                                             "directory unless --out is given")
+    parser.add_argument("--out", default="", help=f"where the weights go; default: a new scratch directory. "
+                                                  f"--out notebooks/toy replaces the shipped ones ({TOY_DIR})")
+    parser.add_argument("--quick", action="store_true", help="a smoke run of 20 steps per stage")
     args = parser.parse_args(argv)
     if args.quick:
         args.judge_steps = args.vae_steps = args.var_steps = args.clip_steps = args.aesthetic_steps = 20
-    import tempfile
-    out = Path(args.out or (tempfile.mkdtemp(prefix="toy_world_quick_") if args.quick else TOY_DIR))
+    out = output_dir(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / "training.json.tmp").write_text("")
