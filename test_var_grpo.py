@@ -1544,6 +1544,7 @@ def test_a_changed_base_is_refused_on_resume_and_at_the_lora_merge(tmp_path):
     ("no_optimizer", "optimizer is missing"),
     ("wrong_shape", r"model entries: head.weight \(3, 3\) instead of \(256, 128\)"),
     ("wrong_type", "step is a str, not a int"),
+    ("no_config", "config is missing"),
 ])
 def test_malformed_resume_inputs_give_one_message_before_anything_loads(tmp_path, monkeypatch, damage, message):
     kw = dict(group_size=2, micro_batch=2, summary_samples=0)
@@ -1553,6 +1554,8 @@ def test_malformed_resume_inputs_give_one_message_before_anything_loads(tmp_path
         (tmp_path / "metrics.jsonl").write_text("[1, 2]\n")
     elif damage == "no_optimizer":
         del ck["optimizer"]
+    elif damage == "no_config":
+        del ck["config"]
     elif damage == "wrong_shape":
         ck["model"]["head.weight"] = torch.zeros(3, 3)
     else:

@@ -163,10 +163,10 @@ class Config:
 
 
 # --tiny changes these defaults (flags given explicitly still win): the paper's claim on a CPU in about a minute, the
-# prompt "a lime shape" (a colour the toy VAR never saw) through the toy CLIP and aesthetic head. lr and steps were
-# chosen on the toy world (summary.json at seed 0, lime shapes and class accuracy): lr 2e-4 x 200 steps 0.4% -> 86.7%,
-# 88.7% -> 92.6% (seeds 1, 2: 75.4% and 74.6% lime); lr 1e-4 x 400 steps 87.5% lime in twice the time; lr 3e-4 x 200
-# steps (an earlier VAR) 86% lime, but the class accuracy fell to 80%.
+# prompt "a lime shape" (a colour the toy VAR never saw) through the toy CLIP and aesthetic head. The learning rate
+# (DEFAULT_LR) and steps were chosen on the toy world (summary.json at seed 0, lime shapes and class accuracy): lr 2e-4
+# x 200 steps 0.4% -> 86.7%, 88.7% -> 92.6% (seeds 1, 2: 75.4% and 74.6% lime); lr 1e-4 x 400 steps 87.5% lime in twice
+# the time; lr 3e-4 x 200 steps (an earlier VAR) 86% lime, but the class accuracy fell to 80%.
 TINY_DEFAULTS = dict(device="cpu", prompt="a lime shape", steps=200, classes_per_step=2, group_size=8, beta=0.05,
                      num_eval=20, minibatches=2, micro_batch=8, eval_every=50, save_every=100)
 # --lr 0 (the default) means this learning rate, by (--tiny, LoRA). LoRA's adapters start at zero and move a low-rank
@@ -921,31 +921,34 @@ def download(url: str, dest: Path, attempts: int = 3, timeout: float = 30.0) -> 
         raise WeightsError(f"{dest.name} is not in the cache ({dest}) and HF_HUB_OFFLINE is set, so it is not "
                            f"downloaded from {url}. {manual}")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(dest.with_name(dest.name + ".lock"), f"another process is downloading {dest.name}; waiting for it"):
+    waiting = lambda f: print(f"another process is downloading {dest.name}; waiting for it", file=sys.stderr)
+    with file_lock(dest.with_name(dest.name + ".lock"), waiting):
         if dest.exists():  # the other process finished it
             return dest
         return _download_locked(url, dest, part, manual, attempts, timeout)
 
 
 @contextmanager
-def file_lock(path: Path, waiting: str):
-    """An exclusive lock on `path` while the block runs (one download of a file at a time, whatever the processes).
-    The operating system releases it when the process ends, however it ends. (fcntl is POSIX: on Windows, none.)"""
+def file_lock(path: Path, when_busy):
+    """An exclusive lock on `path` while the block runs; the operating system releases it when the process ends,
+    however it ends, so a crash never leaves it stuck. If another process holds it, when_busy(f) is called with the
+    lock file (open for reading and appending): it raises, or returns to wait for the lock. Yields that file. On a file
+    system without locks: a warning, and no lock; on Windows (no fcntl): no lock, and None."""
     try:
         import fcntl
     except ImportError:
-        yield
+        yield None
         return
-    with open(path, "a") as f:
+    with open(path, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(waiting, file=sys.stderr)
+            when_busy(f)
             fcntl.flock(f, fcntl.LOCK_EX)
-        except OSError as e:  # a file system without locks
-            print(f"warning: cannot lock {path} ({e.strerror}); make sure no other run downloads into {path.parent}",
-                  file=sys.stderr)
-        yield
+        except OSError as e:  # some network mounts: go on, but say so
+            print(f"warning: cannot lock {path} ({e.strerror}); make sure no other process uses {path.parent} at the "
+                  f"same time", file=sys.stderr)
+        yield f
 
 
 def _download_locked(url: str, dest: Path, part: Path, manual: str, attempts: int, timeout: float) -> Path:
@@ -1489,9 +1492,10 @@ class PhaseClock:
     that just ended (each phase measured on its own). Made just before the step: what ran before is not the step's."""
     def __init__(self, device: torch.device):
         self.device, self.seconds, self.peak_gb = device, {}, {}
-        self.last = self.sync()
+        self.last = self.restart()
 
-    def sync(self) -> float:
+    def restart(self) -> float:
+        """Wait for the GPU, forget its peak memory so far; the time now."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -1499,9 +1503,9 @@ class PhaseClock:
 
     def __call__(self, phase: str):
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.synchronize(self.device)  # before reading the peak: the phase's kernels have all run
             self.peak_gb[phase] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        now = self.sync()
+        now = self.restart()
         self.seconds[phase], self.last = now - self.last, now
 
 
@@ -1609,6 +1613,7 @@ def compare_policies(var: VAR, pi_ref, vae, reward_fn, judge, pool, heldout, arg
 
 
 def measure_policies(var: VAR, pi_ref, vae, reward_fn, judge, labels, args: Config, device, what: str) -> dict:
+    """compare_policies for one set of labels (the training classes, or the held-out ones), printed as `what`."""
     n, chunk = len(labels), args.sample_batch or args.classes_per_step * args.group_size  # known to fit
     labels = labels.to(device)
     result, drawn = {}, {}  # drawn: per policy, the total reward and each component of every sample
@@ -1966,26 +1971,16 @@ def out_dir(args: Config) -> Path:
 
 @contextmanager
 def run_lock(out: Path):
-    """One run per --out at a time: an exclusive lock on out/.lock, which holds the running process's id. The
-    operating system releases it when the process ends, however it ends, so a crashed run never leaves it stuck.
-    (fcntl is POSIX: on Windows there is no lock.)"""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(out / ".lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise ValueError(f"{out} is in use by another run (process {f.read().strip() or 'unknown'}); wait for it "
-                             f"to finish or stop it, or choose another --out") from None
-        except OSError as e:  # a file system without locks (some network mounts): run, but say so
-            print(f"warning: cannot lock {out / '.lock'} ({e.strerror}); make sure no other run uses {out}", file=sys.stderr)
-        f.truncate(0)
-        f.write(str(os.getpid()))
-        f.flush()
+    """One run per --out at a time: an exclusive lock on out/.lock (file_lock), which holds the running process's id."""
+    def in_use(f):
+        f.seek(0)
+        raise ValueError(f"{out} is in use by another run (process {f.read().strip() or 'unknown'}); wait for it "
+                         f"to finish or stop it, or choose another --out")
+    with file_lock(out / ".lock", in_use) as f:
+        if f is not None:
+            f.truncate(0)
+            f.write(str(os.getpid()))
+            f.flush()
         yield
 
 
@@ -2157,9 +2152,9 @@ def open_checkpoint(args: Config, out: Path, device: torch.device) -> Optional[d
     except Exception as e:
         raise ValueError(f"--resume: {path} cannot be read ({type(e).__name__}: {str(e)[:200]}): it is damaged, e.g. "
                          f"truncated by a copy. Restore it from a backup, or start the run again in another --out.") from None
-    old = ck.get("config") if isinstance(ck, dict) and isinstance(ck.get("config"), dict) else {}
-    differs = [k for k in vars(args) if k not in RESUME_MAY_CHANGE + ("out", "resume", "bench", "bench_batch")
-               and old.get(k, getattr(RunConfig, k)) != getattr(args, k)]
+    old = ck.get("config") if isinstance(ck, dict) else None  # not a dict: checkpoint_problems says so below
+    differs = [k for k in vars(args) if isinstance(old, dict) and k not in RESUME_MAY_CHANGE + ("out", "resume", "bench",
+               "bench_batch") and old.get(k, getattr(RunConfig, k)) != getattr(args, k)]
     if differs:
         raise ValueError(f"--resume: {path} was trained with different settings: " + ", ".join(
             f"--{k.replace('_', '-')} was {old.get(k, getattr(RunConfig, k))!r}, now {getattr(args, k)!r}" for k in differs)
