@@ -18,7 +18,9 @@ The model (VAR paper, arXiv 2404.02905, sec. 3)
        p(r_1, ..., r_K | c) = prod_k p(r_k | r_<k, c),   p(r_k | r_<k, c) = prod_{i in scale k} p(r_k,i | r_<k, c)
   3. Sampling: 10 forward passes (one per scale) with a KV cache and classifier-free guidance ramped over scales:
        z_k = (1 + s_k) z_k(c) - s_k z_k(null),   s_k = cfg * (k-1)/(K-1)          (z_k: the logits of scale k)
-     then temperature, optional top-k / top-p, and a multinomial draw.
+     then temperature, optional top-k / top-p, and a multinomial draw from the image's own random generator, seeded
+     by a key such as (seed, step, image): an image depends on its class and key alone, not on the batch or the
+     process that draws it.
 
 The fine-tuning (GRPO, Shao et al. 2024, as used in the paper)
   4. The policy pi_theta is VAR given an ImageNet class c; the text prompt enters only through the reward.
@@ -64,12 +66,13 @@ the released checkpoints' attention (cosine attention, one AdaLN per block) is i
 Reading order: Config | Tokenizer (step 1) | Transformer (step 2) | Sampling (step 3) | Rewards (step 5) | GRPO
 (steps 6-7) | What is trained (step 8) | The training loop (steps 4-8) | main. Then an APPENDIX of plumbing that
 changes nothing the method computes: A weights, B command line, C measuring a run, D run directory, E speed and
-memory on a GPU, F benchmark, G the VQGAN encoder and decoder.
+memory on a GPU, F benchmark, G the VQGAN encoder and decoder, H more than one GPU (torchrun).
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import atexit
 import copy
 import hashlib
 import inspect
@@ -83,6 +86,7 @@ import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import List, Optional
 from urllib.parse import unquote
@@ -90,6 +94,7 @@ from urllib.parse import unquote
 import numpy as np
 import requests
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -165,14 +170,14 @@ class Config:
 # --tiny changes these defaults (flags given explicitly still win): the paper's claim on a CPU in about a minute, the
 # prompt "a lime shape" (a colour the toy VAR never saw) through the toy CLIP and aesthetic head. The learning rate
 # (DEFAULT_LR) and steps were chosen on the toy world (summary.json at seed 0, lime shapes and class accuracy): lr 2e-4
-# x 200 steps 0.4% -> 86.7%, 88.7% -> 92.6% (seeds 1, 2: 75.4% and 74.6% lime); lr 1e-4 x 400 steps 87.5% lime in twice
-# the time; lr 3e-4 x 200 steps (an earlier VAR) 86% lime, but the class accuracy fell to 80%.
+# x 200 steps 0.4% -> 85.5%, 89.5% -> 90.6% (seeds 1, 2: 71.1% and 84.4% lime); with the sampler's earlier random
+# draws, lr 1e-4 x 400 steps gave 87.5% lime in twice the time, lr 3e-4 (an earlier VAR) 86% lime but 80% class accuracy.
 TINY_DEFAULTS = dict(device="cpu", prompt="a lime shape", steps=200, classes_per_step=2, group_size=8, beta=0.05,
                      num_eval=20, minibatches=2, micro_batch=8, eval_every=50, save_every=100)
 # --lr 0 (the default) means this learning rate, by (--tiny, LoRA). LoRA's adapters start at zero and move a low-rank
 # slice of each weight, so they want a larger one. --tiny --lora-rank 4, 200 steps, seed 0 (summary.json): lr 2e-4
-# reward +5.0 standard errors, lime shapes 0.4% -> 2.3%; 1e-3 +21.1, 5.1%; 3e-3 +30.8, 71.5%, class accuracy 88.7% ->
-# 95.3% (full fine-tuning at 2e-4: +35.2, 86.7%). The full-size LoRA value, 10x full fine-tuning's, is not tuned here.
+# reward +4.7 standard errors, lime shapes 0.4% -> 2.3%; 1e-3 +27.9, 52.3%; 3e-3 +37.6, 71.1%, class accuracy 89.5% ->
+# 93.0% (full fine-tuning at 2e-4: +40.8, 85.5%). The full-size LoRA value, 10x full fine-tuning's, is not tuned here.
 DEFAULT_LR = {(False, False): 1e-5, (False, True): 1e-4, (True, False): 2e-4, (True, True): 3e-3}
 
 # The architecture of the official checkpoints (FoundationVision/VAR models/__init__.py: build_vae_var).
@@ -497,6 +502,17 @@ def filter_top_k_top_p(logits_BlV, top_k: int = 0, top_p: float = 0.0):
 DECODE_BATCH = 8  # images per decoder pass; measured at 256 px on an H200: 32 at once took 3.7 GB more, 14% less time
 
 
+def seed_of(*key) -> int:
+    """The seed of one random draw, named by its key, e.g. (seed, "rollout", step, image index). Each draw has its own
+    generator, so what it draws depends on its key alone: not on the draws before it, the batch it is in, or how many
+    processes share the work (issue: torchrun), and a resumed run needs no saved generator state."""
+    return int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") >> 1  # 63 bits
+
+
+def generator(*key, device="cpu") -> torch.Generator:
+    return torch.Generator(device).manual_seed(seed_of(*key))
+
+
 @dataclass
 class Sample:
     tokens: List[torch.Tensor]          # K token maps (B, pn*pn), coarse to fine
@@ -505,10 +521,14 @@ class Sample:
 
 
 @torch.no_grad()
-def sample(var: VAR, vae: VQVAE, label_B, cfg: float = 1.5, temperature: float = 1.0, top_k: int = 0,
-           top_p: float = 0.0, generator: Optional[torch.Generator] = None, return_logprobs: bool = False) -> Sample:
-    """Draw B images of classes label_B; with return_logprobs also each token's exact log-probability."""
+def sample(var: VAR, vae: VQVAE, label_B, seed_B, cfg: float = 1.5, temperature: float = 1.0, top_k: int = 0,
+           top_p: float = 0.0, return_logprobs: bool = False) -> Sample:
+    """Draw B images of classes label_B, image b from a generator seeded with seed_B[b] (integers, seed_of); with
+    return_logprobs also each token's exact log-probability."""
     B, device = label_B.shape[0], label_B.device
+    gens = [torch.Generator(device).manual_seed(int(seed)) for seed in seed_B]  # one per image: B small draws a scale
+    if len(gens) != B:
+        raise ValueError(f"sample: {len(gens)} seeds for {B} images")
     quant, K = vae.quantize, len(var.patch_nums)
     ramp = cfg_ramp(cfg, K)
     cond_2BC = var.class_emb(torch.cat((label_B, torch.full_like(label_B, var.num_classes))))
@@ -525,7 +545,8 @@ def sample(var: VAR, vae: VQVAE, label_B, cfg: float = 1.5, temperature: float =
         if temperature != 1.0:
             logits_BlV = logits_BlV / temperature
         logits_BlV = filter_top_k_top_p(logits_BlV, top_k, top_p)
-        idx_Bl = torch.multinomial(logits_BlV.softmax(dim=-1).view(-1, var.V), 1, generator=generator).view(B, pn * pn)
+        probs_BlV = logits_BlV.softmax(dim=-1)
+        idx_Bl = torch.stack([torch.multinomial(probs_lV, 1, generator=g)[:, 0] for probs_lV, g in zip(probs_BlV, gens)])
         if return_logprobs:
             logprobs.append(logits_BlV.log_softmax(dim=-1).gather(-1, idx_Bl.unsqueeze(-1)).squeeze(-1))
         tokens.append(idx_Bl)
@@ -660,18 +681,19 @@ def grpo_loss(logp_BL, old_logp_BL, adv_B, ref_logp_BL: Optional[torch.Tensor], 
 
 
 def token_logprobs(var: VAR, vae: VQVAE, label_B, tokens: List[torch.Tensor], cfg: float, temperature: float,
-                   entropy: bool = False):
+                   entropy: bool = False, forward=None):
     """log pi(a_t | a_<t, c) of every token of the given pyramids, under the guided distribution of `sample`. (B, L)
-    With entropy=True also the entropy of each of those distributions, without gradient: ((B, L), (B, L))."""
-    B, device = label_B.shape[0], label_B.device
+    With entropy=True also the entropy of each of those distributions, without gradient: ((B, L), (B, L)).
+    forward runs var's teacher-forced pass (default var itself; under torchrun DDP's wrapper of it)."""
+    B, device, forward = label_B.shape[0], label_B.device, forward or var
     with torch.no_grad():
         x_BMCv = vae.quantize.tokens_to_var_input(tokens)
     tokens_BL = torch.cat(tokens, dim=1)
     with autocast(device):
         if cfg == 0:  # no guidance: the null-class branch would be multiplied by 0, so don't compute it
-            logits_BLV = var(label_B, x_BMCv)
+            logits_BLV = forward(label_B, x_BMCv)
         else:
-            logits_2BLV = var(torch.cat((label_B, torch.full_like(label_B, var.num_classes))), x_BMCv.repeat(2, 1, 1))
+            logits_2BLV = forward(torch.cat((label_B, torch.full_like(label_B, var.num_classes))), x_BMCv.repeat(2, 1, 1))
             ramp = cfg_ramp(cfg, len(var.patch_nums))
             lvl_L = var.lvl_1L[0]
             w_cond_L1 = torch.tensor([1 + s for s in ramp], device=device)[lvl_L].unsqueeze(-1)  # same fp32 rounding
@@ -765,86 +787,106 @@ def setup_policy(args: Config, var: VAR, device: torch.device):
 # where it is written are built in appendices C and D.
 # ----------------------------------------------------------------------------------------------------------
 
-def grpo_step(var: VAR, pi_ref, vae: VQVAE, reward_fn, opt, label_B, args: Config, gens: dict, clock) -> dict:
+def grpo_step(var: VAR, pi_ref, vae: VQVAE, reward_fn, opt, label_B, args: Config, step: int, clock,
+              ranks: Ranks) -> dict:
     """One GRPO step (docstring steps 4-8) on P groups of G images, label_B = the P classes, each repeated G times.
-    clock(phase) marks where a phase ends (appendix C times it). Returns the step's log record."""
-    n_images, mb_size, micro = len(label_B), len(label_B) // args.minibatches, args.micro_batch
+    Its random draws are keyed by (--seed, step). clock(phase) marks where a phase ends (appendix C times it). Lines
+    marked "torchrun" share the work among processes (appendix H, Ranks); in one process they change nothing.
+    Returns the step's log record."""
+    n_images, mb_size = len(label_B), len(label_B) // args.minibatches
+    mine = ranks.share(n_images)  # torchrun: this process's P/N whole groups; one process: all of them
     # 4. rollout: P classes x G images from the current policy, with each token's log-prob
-    roll = sample_in_chunks(var, vae, label_B, args.sample_batch, args.cfg, args.temperature, 0, 0.0, gens["sample"],
+    seed_B = [seed_of(args.seed, "rollout", step, i) for i in range(n_images)]
+    roll = sample_in_chunks(var, vae, label_B[mine], seed_B[mine], args.sample_batch, args.cfg, args.temperature,
                             return_logprobs=True)
     clock("sample")
     # 5. reward, 6. group-relative advantages
-    reward_B, parts, features_BD = reward_fn(roll.image)
+    reward_B, parts, features_BD = ranks.gather(reward_fn(roll.image))  # torchrun: every image's, on every process
     adv_B = group_advantages(reward_B, args.group_size, args.adv_eps, args.adv_norm)
     clock("reward")
 
     # 7. log pi_ref for the KL term (and, with --old-logprobs recompute, log pi_old): once per step, no gradient
     def logprobs_no_grad(model):
         with torch.no_grad():
-            return torch.cat([token_logprobs(model, vae, label_B[i:i + micro], [r_Bl[i:i + micro] for r_Bl in roll.tokens],
-                                             args.cfg, args.temperature) for i in range(0, n_images, micro)])
+            return torch.cat([token_logprobs(model, vae, label_B[mine][i:i + args.micro_batch],
+                                             [r_Bl[i:i + args.micro_batch] for r_Bl in roll.tokens], args.cfg,
+                                             args.temperature) for i in range(0, len(roll.image), args.micro_batch)])
     ref_logp_BL = None
     if args.beta > 0:
         with pi_ref() as start:
-            ref_logp_BL = logprobs_no_grad(start)
-    old_logp_BL = logprobs_no_grad(var) if args.old_logprobs == "recompute" else roll.logprob
+            ref_logp_BL = ranks.gather(logprobs_no_grad(start))
+    old_logp_BL = ranks.gather(logprobs_no_grad(var) if args.old_logprobs == "recompute" else roll.logprob)
+    sampled_logp_BL, tokens = ranks.gather((roll.logprob, roll.tokens))  # torchrun: the whole batch on every process
     # 8. clipped policy-gradient updates over minibatches, accumulating micro-batches of --micro-batch images
     weight_L = scale_token_weights(var) if args.token_weight == "scale" else None  # None: every token 1/L
     trained = [p for g in opt.param_groups for p in g["params"]]
     mb_stats, grad_norms, gaps = [], [], []  # mb_stats: one list of micro-batch stats per minibatch
-    for _ in range(args.inner_epochs):
-        order = torch.randperm(n_images, generator=gens["shuffle"]).to(label_B.device)
+    for epoch in range(args.inner_epochs):
+        order = torch.randperm(n_images, generator=generator(args.seed, "shuffle", step, epoch)).to(label_B.device)
         for mb in order.view(args.minibatches, mb_size):
             opt.zero_grad(set_to_none=True)
             mb_stats.append([])
-            for idx in mb.view(-1, micro):
-                logp_BL, entropy_BL = token_logprobs(var, vae, label_B[idx], [r_Bl[idx] for r_Bl in roll.tokens],
-                                                     args.cfg, args.temperature, entropy=True)
-                if len(mb_stats) == 1:  # the first minibatch, before the step's first update: sampler vs trainer
-                    gaps.append((logp_BL.detach() - roll.logprob[idx]).abs())
-                loss, stats = grpo_loss(logp_BL, old_logp_BL[idx], adv_B[idx],
-                                        None if ref_logp_BL is None else ref_logp_BL[idx], args.clip_eps, args.beta, weight_L)
-                (loss * (len(idx) / mb_size)).backward()  # the minibatch's loss is the mean over its images
+            my_mb = mb[ranks.share(mb_size)]  # torchrun: this process's 1/N of the minibatch
+            micro = min(args.micro_batch, len(my_mb))
+            for j, idx in enumerate(my_mb.view(-1, micro)):
+                with ranks.accumulating(last=(j + 1) * micro == len(my_mb)):  # torchrun: all-reduce in the last backward
+                    logp_BL, entropy_BL = token_logprobs(var, vae, label_B[idx], [r_Bl[idx] for r_Bl in tokens], args.cfg,
+                                                         args.temperature, entropy=True, forward=ranks.forward(var))
+                    if len(mb_stats) == 1:  # the first minibatch, before the step's first update: sampler vs trainer
+                        gaps.append((logp_BL.detach() - sampled_logp_BL[idx]).abs())
+                    loss, stats = grpo_loss(logp_BL, old_logp_BL[idx], adv_B[idx], None if ref_logp_BL is None else
+                                            ref_logp_BL[idx], args.clip_eps, args.beta, weight_L)
+                    # the mean over this process's part of the minibatch (torchrun: DDP averages the N parts)
+                    (loss * (len(idx) / len(my_mb))).backward()
                 mb_stats[-1].append(dict(stats, entropy=entropy_BL.mean().item()))
             grad_norms.append(torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm).item())
             if not math.isfinite(grad_norms[-1]):  # stepping would write NaN into every weight
                 raise FloatingPointError(non_finite_advice(grad_norms[-1], mb_stats[-1], args))
             opt.step()
     clock("update")
-    return step_record(reward_B, parts, adv_B, mb_stats, grad_norms, torch.cat(gaps), features_BD, args, clock)
+    mb_stats, gap_BL = ranks.gather_stats(mb_stats), ranks.gather(torch.cat(gaps))  # torchrun: every process's
+    return step_record(reward_B, parts, adv_B, mb_stats, grad_norms, gap_BL, features_BD, args, clock)
 
 
-def run_grpo(args: Config, device: torch.device, out: Path, ck: Optional[dict]) -> dict:
+def run_grpo(args: Config, device: torch.device, out: Path, ck: Optional[dict], ranks: Ranks) -> dict:
     """Set up, then steps 4-8 once per iteration: each step logged, evaluated and saved as --eval-every and
-    --save-every say; at the end the starting and the final policy are compared on fresh samples (summary.json)."""
+    --save-every say; at the end the starting and the final policy are compared on fresh samples (summary.json).
+    torchrun: every process trains; only the first (ranks.main) evaluates, logs and writes files."""
     torch.manual_seed(args.seed)
     vae, var = load_models(args, device)
     reward_fn = build_reward(args, device)
     pi_ref, opt = setup_policy(args, var, device)
-    gens = random_streams(args.seed, device)
+    ranks.wrap(var)  # torchrun: DDP, which averages the gradients of the trained weights over the processes
     pool, heldout = class_pools(args, var.num_classes)  # heldout: never drawn for training, measured apart at the end
-    start, records = start_or_resume(args, out, ck, var, opt, gens)
+    start, records = start_or_resume(args, out, ck, var, opt, write_files=ranks.main)
     evaluate = Evaluation(vae, reward_fn, args, pool, device, out)
-    if start == 0:
+    if start == 0 and ranks.main:
         print(f"step 0 evaluation reward {evaluate(var, 0):.4f}")
+    stopping = False
     with signals_stop_after_the_step() as stop, failures_keep_checkpoints(out):
-        for step in progress_bar(start, args.steps):
-            label_P = pool[torch.randint(len(pool), (args.classes_per_step,), generator=gens["class"])]
+        for step in progress_bar(start, args.steps, ranks.main):
+            label_P = pool[torch.randint(len(pool), (args.classes_per_step,), generator=generator(args.seed, "classes", step))]
             label_B = label_P.repeat_interleave(args.group_size).to(device)  # group p: images p*G .. p*G+G-1
-            rec = dict(step=step, **grpo_step(var, pi_ref, vae, reward_fn, opt, label_B, args, gens, PhaseClock(device)))
+            rec = dict(step=step, **grpo_step(var, pi_ref, vae, reward_fn, opt, label_B, args, step, PhaseClock(device),
+                                              ranks))
             done = step + 1
-            if done % args.eval_every == 0 or done == args.steps:  # after this step's update: the policy of step `done`
-                rec["eval_reward"] = evaluate(var, done)
-            records.append(rec)
-            log_step(records, out / "metrics.jsonl", args)
-            if done % args.save_every == 0 or done == args.steps or stop:
-                save_checkpoint(out / "checkpoint.pt", done, var, opt, gens, args)
-            if stop:
+            stopping = ranks.any(bool(stop))  # torchrun: a signal to any process stops them all after this step
+            if ranks.main:  # torchrun: only the first process evaluates and writes
+                if done % args.eval_every == 0 or done == args.steps:  # after this step's update: the policy of step `done`
+                    rec["eval_reward"] = evaluate(var, done)
+                records.append(rec)
+                log_step(records, out / "metrics.jsonl", args)
+                if done % args.save_every == 0 or done == args.steps or stopping:
+                    save_checkpoint(out / "checkpoint.pt", done, var, opt, args)
+            if stopping:
                 break
+    if not ranks.main:
+        return dict(out=out, records=[], var=var, summary=None)
     summary = None
-    if stop:
-        print(f"stopped by {stop[0]} after step {done}, checkpoint saved: continue with the same command and --resume")
-    if records and not stop and args.summary_samples > 0:
+    if stopping:
+        print(f"stopped by {stop[0] if stop else 'a signal to another process'} after step {done}, checkpoint saved: "
+              f"continue with the same command and --resume")
+    elif records and args.summary_samples > 0:
         summary = compare_policies(var, pi_ref, vae, reward_fn, load_judge(args, device, reward_fn), pool, heldout, args, device)
     write_final_outputs(out, args, records, summary, var)
     return dict(out=out, records=records, var=var, summary=summary)
@@ -859,7 +901,7 @@ def main(argv: Optional[List[str]] = None):
     try:
         return benchmark(args) if args.bench else train(args)
     except (ValueError, OSError, WeightsError, FloatingPointError, MemoryError) as e:  # OSError: a file could not be written
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"error{which_process()}: {e}") from None
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C during it
         if not args.bench:
             print(f"\nstopped at once by Ctrl-C; checkpoints already in {out_dir(args)} are kept (--resume continues "
@@ -872,7 +914,7 @@ def main(argv: Optional[List[str]] = None):
 #   A. weights: downloads and loading       B. the command line (RunConfig) and validation
 #   C. measuring a run: the step's record, evaluation grids, the summary, the toy world's pixel measures
 #   D. the run directory and its files      E. speed and memory on a GPU     F. the benchmark (--bench)
-#   G. the VQGAN encoder and decoder CNN of the tokenizer
+#   G. the VQGAN encoder and decoder CNN of the tokenizer      H. more than one GPU (torchrun)
 # ==========================================================================================================
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1244,8 +1286,8 @@ class RunConfig(Config):
     60 characters plus a hash"""
     resume: bool = False
     """continue the run in --out from its checkpoint.pt, with the same settings: it refuses, naming them, any change but
-    --steps (not below the checkpoint's), --eval-every, --save-every, --summary-samples, --device (of the same type),
-    --micro-batch, --grad-checkpointing, --compile, --cuda-graphs, --cache-dir"""
+    --steps (not below the checkpoint's), --eval-every, --save-every, --summary-samples, --device, --micro-batch,
+    --sample-batch, --grad-checkpointing, --compile, --cuda-graphs, --cache-dir, and the number of torchrun processes"""
     eval_every: int = 50
     """save an evaluation grid every this many steps (also at step 0 and at the end)"""
     save_every: int = 50
@@ -1264,9 +1306,8 @@ class RunConfig(Config):
     micro_batch: int = 8
     """images per forward/backward pass; gradients accumulate over a minibatch (lower it to save memory)"""
     sample_batch: int = 0
-    """images sampled at once in a rollout (0: all P*G); lower it to save the KV cache's memory. The tokens drawn
-    depend on it (one generator feeds the chunks in turn), so a run is reproducible for a given value, and --resume
-    keeps it"""
+    """images sampled at once in a rollout (0: all P*G); lower it to save the KV cache's memory (the images drawn are
+    the same: each has its own seed)"""
     grad_checkpointing: bool = False
     """recompute each block's activations in the backward pass: less memory, ~30% slower updates"""
     compile: bool = True
@@ -1425,12 +1466,19 @@ def check_config(args: Config):
     need(0 <= args.eval_top_p <= 1, f"--eval-top-p {args.eval_top_p}: must be in [0, 1] (0: off)")
     need(args.num_eval <= 256, f"--num-eval {args.num_eval}: at most 256 (an evaluation grid is one PNG, 4 images a row)")
     need(args.seed >= 0, f"--seed {args.seed}: must be >= 0")
-    n = args.classes_per_step * args.group_size
-    if args.classes_per_step >= 1 and args.minibatches >= 1 and args.micro_batch >= 1:
-        need(n % args.minibatches == 0 and (n // args.minibatches) % args.micro_batch == 0,
-             f"P*G = {args.classes_per_step}*{args.group_size} = {n} images must split into --minibatches {args.minibatches} "
-             f"of a whole number of --micro-batch {args.micro_batch} images; e.g. --minibatches 1 --micro-batch "
-             f"{math.gcd(n, args.micro_batch)}")
+    n, P, N = args.classes_per_step * args.group_size, args.classes_per_step, world_size()  # N: torchrun's processes
+    if N > 1:  # appendix H
+        need(P % N == 0, f"--classes-per-step {P}: torchrun started {N} processes, and each samples whole groups, so P "
+                         f"must be a multiple of {N} (e.g. --classes-per-step {N * max(1, round(P / N))}), or start "
+                         f"a number of processes that divides {P}")
+        need(not args.bench, "--bench times one process: run it with python, not torchrun")
+    if P >= 1 and args.minibatches >= 1 and args.micro_batch >= 1:
+        mb = n // args.minibatches
+        need(n % args.minibatches == 0 and mb % N == 0 and (mb // N) % min(args.micro_batch, mb // N or 1) == 0,
+             f"P*G = {P}*{args.group_size} = {n} images must split into --minibatches {args.minibatches}"
+             + (f", each into {N} equal parts (one per torchrun process)," if N > 1 else "")
+             + f" of a whole number of --micro-batch {args.micro_batch} images; e.g. --minibatches 1 --micro-batch "
+             f"{math.gcd(n // N, args.micro_batch)}")
     for flag, value, choices in (("--adv-norm", args.adv_norm, ("group", "batch", "none")),
                                  ("--old-logprobs", args.old_logprobs, ("sampler", "recompute")),
                                  ("--token-weight", args.token_weight, ("token", "scale"))):
@@ -1583,10 +1631,10 @@ class Evaluation:
 
     def __call__(self, var: VAR, step: int) -> float:
         args = self.args
-        gen = torch.Generator(self.device).manual_seed(args.seed + 10_000)
+        seeds = [seed_of(args.seed, "eval", i) for i in range(len(self.labels))]
         guidance = args.cfg if args.eval_cfg < 0 else args.eval_cfg
-        s = sample_in_chunks(var, self.vae, self.labels, args.sample_batch, guidance, args.temperature, args.eval_top_k,
-                             args.eval_top_p, gen)
+        s = sample_in_chunks(var, self.vae, self.labels, seeds, args.sample_batch, guidance, args.temperature,
+                             args.eval_top_k, args.eval_top_p)
         save_grid(s.image, self.out / f"eval_step{step:05d}.png")
         return self.reward_fn(s.image)[0].mean().item()
 
@@ -1615,14 +1663,13 @@ def compare_policies(var: VAR, pi_ref, vae, reward_fn, judge, pool, heldout, arg
 def measure_policies(var: VAR, pi_ref, vae, reward_fn, judge, labels, args: Config, device, what: str) -> dict:
     """compare_policies for one set of labels (the training classes, or the held-out ones), printed as `what`."""
     n, chunk = len(labels), args.sample_batch or args.classes_per_step * args.group_size  # known to fit
-    labels = labels.to(device)
+    labels, seeds = labels.to(device), [seed_of(args.seed, "summary", i) for i in range(len(labels))]
     result, drawn = {}, {}  # drawn: per policy, the total reward and each component of every sample
     for name in ("start", "end"):
         with pi_ref() if name == "start" else nullcontext(var) as policy:
-            gen = torch.Generator(device).manual_seed(args.seed + 20_000)
             rewards, parts, features, hits, colours = [], [], [], [], []
             for i in range(0, n, chunk):
-                images = sample(policy, vae, labels[i:i + chunk], args.cfg, args.temperature, generator=gen).image
+                images = sample(policy, vae, labels[i:i + chunk], seeds[i:i + chunk], args.cfg, args.temperature).image
                 reward_B, parts_B, features_BD = reward_fn(images)
                 rewards.append(reward_B)
                 parts.append(parts_B)
@@ -1809,33 +1856,30 @@ _clip_config_dir: Optional[str] = None
 # ----------------------------------------------------------------------------------------------------------
 
 def train(args: RunConfig) -> dict:
-    """Check every setting and path, take --out for this run alone, then run GRPO."""
+    """Check every setting and path, take --out for this run alone, then run GRPO. Under torchrun (appendix H) every
+    process reads the checkpoint to resume; only the first takes the lock and writes."""
     args = with_default_lr(args)
     check_config(args)
-    device = resolve_device(args.device)
     out = out_dir(args)
-    check_writable(out, "--out")
-    if needs_download(args):
-        check_writable(cache_dir(args), "--cache-dir" if args.cache_dir else "the weight cache ($VAR_GRPO_CACHE or ~/.cache/var_grpo)")
-    with run_lock(out):
-        ck = open_checkpoint(args, out, device)
-        if args.tiny:
-            print(f"--tiny: the toy world on {args.device}: VAR-d{TOY_DEPTH} pretrained on 32 px shapes of 8 colours "
-                  f"(notebooks/toy_world.py), fine-tuned for --reward {args.reward} with --prompt {args.prompt!r} "
-                  f"(the toy CLIP knows {len(TOY_COLOURS)} colours: {', '.join(TOY_COLOURS)}).")
-        return run_grpo(args, device, out, ck)
+    with torchrun_processes(resolve_device(args.device)) as (ranks, device):
+        if ranks.main:
+            check_writable(out, "--out")
+        if needs_download(args):
+            check_writable(cache_dir(args), "--cache-dir" if args.cache_dir else "the weight cache ($VAR_GRPO_CACHE or ~/.cache/var_grpo)")
+        with run_lock(out) if ranks.main else nullcontext():
+            ck = open_checkpoint(args, out, device)
+            ranks.barrier()  # torchrun: every process has read --out before the first one writes into it
+            if args.tiny:
+                print(f"--tiny: the toy world on {args.device}: VAR-d{TOY_DEPTH} pretrained on 32 px shapes of 8 colours "
+                      f"(notebooks/toy_world.py), fine-tuned for --reward {args.reward} with --prompt {args.prompt!r} "
+                      f"(the toy CLIP knows {len(TOY_COLOURS)} colours: {', '.join(TOY_COLOURS)})"
+                      + (f", {ranks.world} processes." if ranks.world > 1 else "."))
+            return run_grpo(args, device, out, ck, ranks)
 
 
-def random_streams(seed: int, device: torch.device) -> dict:
-    """The run's three random streams, saved in every checkpoint so that a resumed run draws what it would have."""
-    return {"class": torch.Generator().manual_seed(seed),             # which classes each step
-            "sample": torch.Generator(device).manual_seed(seed + 1),  # which tokens each rollout
-            "shuffle": torch.Generator().manual_seed(seed + 2)}       # minibatch order
-
-
-def progress_bar(start: int, steps: int):
+def progress_bar(start: int, steps: int, show: bool):
     from tqdm import trange
-    return trange(start, steps, initial=start, total=steps, desc="GRPO", dynamic_ncols=True)
+    return trange(start, steps, initial=start, total=steps, desc="GRPO", dynamic_ncols=True, disable=not show)
 
 
 def trained_state_dict(var: VAR, args: Config) -> dict:
@@ -1951,7 +1995,7 @@ def atomic_save(obj, path: Path):
 
 # What a resumed run may change: how long it runs, how often it saves and evaluates, and how it uses the machine.
 # Anything else would silently not apply (the optimizer keeps its learning rate) or change the experiment midway.
-RESUME_MAY_CHANGE = ("steps", "eval_every", "save_every", "summary_samples", "device", "micro_batch",
+RESUME_MAY_CHANGE = ("steps", "eval_every", "save_every", "summary_samples", "device", "micro_batch", "sample_batch",
                      "grad_checkpointing", "compile", "cuda_graphs", "cache_dir")
 # What a run writes into --out; a new run refuses an --out that holds any of them without a checkpoint to resume.
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "var_final.pth", "before_after.png", "reward_curve.png",
@@ -1984,10 +2028,10 @@ def run_lock(out: Path):
         yield
 
 
-def start_or_resume(args: Config, out: Path, ck: Optional[dict], var: VAR, opt, gens: dict):
-    """(first step, records so far): 0 and none for a new run; else the checkpoint's model, optimizer and random
-    streams restored, and metrics.jsonl cut back to the steps it holds. A resumed run's base weights must be the
-    ones it started from. Writes config.json."""
+def start_or_resume(args: Config, out: Path, ck: Optional[dict], var: VAR, opt, write_files: bool = True):
+    """(first step, records so far): 0 and none for a new run; else the checkpoint's model and optimizer restored, and
+    metrics.jsonl cut back to the steps it holds (no random state: every draw is keyed by its step). A resumed run's
+    base weights must be the ones it started from. Writes config.json (unless write_files is False)."""
     start, records = 0, []
     var.base_sha256 = base_fingerprint(args)  # what the run started from (a plain attribute: not in the state_dict)
     if ck is not None:
@@ -2001,18 +2045,17 @@ def start_or_resume(args: Config, out: Path, ck: Optional[dict], var: VAR, opt, 
                                "start a new run in another --out.")
         var.load_state_dict(ck["model"], strict=args.lora_rank == 0)  # LoRA: the adapters; the base came from disk
         opt.load_state_dict(ck["optimizer"])
-        for name, gen in gens.items():
-            gen.set_state(ck[f"{name}_gen"])
         start, records = ck["step"], ck["records"]
         print(f"resumed {out} at step {start}")
-    (out / "config.json").write_text(json.dumps(vars(args), indent=1))
-    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if write_files:
+        (out / "config.json").write_text(json.dumps(vars(args), indent=1))
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return start, records
 
 
-def save_checkpoint(path: Path, step: int, var: VAR, opt, gens: dict, args: Config):
+def save_checkpoint(path: Path, step: int, var: VAR, opt, args: Config):
     atomic_save(dict(model=trained_state_dict(var, args), optimizer=opt.state_dict(), step=step, config=vars(args),
-                     base_sha256=var.base_sha256, **{f"{name}_gen": gen.get_state() for name, gen in gens.items()}), path)
+                     base_sha256=var.base_sha256), path)
 
 
 STUCK_STEPS = 5  # steps in a row with every advantage 0 before log_step warns
@@ -2044,7 +2087,8 @@ def signals_stop_after_the_step():
     """Yields a list to which the first Ctrl-C, SIGTERM or SIGHUP (what Slurm and Kubernetes send before they kill a
     job; a closed terminal) appends its name: the loop then finishes the step, saves and stops. The previous handlers
     are put back at once, so a second signal acts at once (a second Ctrl-C: main's message; SIGTERM: the process
-    ends). Signals reach only the main thread: from another thread nothing is installed."""
+    ends); not under torchrun, which forwards the first signal to every process itself (and kills them 30 s later if
+    they still run). Signals reach only the main thread: from another thread nothing is installed."""
     stop = []
     if threading.current_thread() is not threading.main_thread():
         yield stop
@@ -2058,9 +2102,12 @@ def signals_stop_after_the_step():
 
     def on_signal(signum, frame):
         stop.append("Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name)
-        print(f"\n{stop[0]}: finishing this step, then saving and stopping (Ctrl-C again stops at once, without saving "
-              f"this step)", flush=True)
-        put_back()
+        if len(stop) > 1:  # torchrun: its copy of the first signal
+            return
+        print(f"\n{stop[0]}: finishing this step, then saving and stopping" + (" (Ctrl-C again stops at once, without "
+              "saving this step)" if world_size() == 1 else ""), flush=True)
+        if world_size() == 1:
+            put_back()
     for signum in signums:
         signal.signal(signum, on_signal)
     try:
@@ -2174,11 +2221,10 @@ def open_checkpoint(args: Config, out: Path, device: torch.device) -> Optional[d
 
 def checkpoint_problems(ck, args: Config, device: torch.device) -> List[str]:
     """What keeps ck from being resumed by this run: missing entries, wrong types, model keys or shapes other than
-    this run's model has (built on the meta device: no memory, no time), random states of another device type."""
+    this run's model has (built on the meta device: no memory, no time)."""
     if not isinstance(ck, dict):
         return [f"it holds a {type(ck).__name__}, not a dict"]
-    want = {"model": dict, "optimizer": dict, "step": int, "config": dict,
-            **{f"{name}_gen": torch.Tensor for name in ("class", "sample", "shuffle")}}
+    want = {"model": dict, "optimizer": dict, "step": int, "config": dict}
     problems = [f"{key} is missing" if key not in ck else f"{key} is a {type(ck[key]).__name__}, not a {kind.__name__}"
                 for key, kind in want.items() if not isinstance(ck.get(key), kind)]
     if problems:
@@ -2196,13 +2242,6 @@ def checkpoint_problems(ck, args: Config, device: torch.device) -> List[str]:
             problems.append(f"{what}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}")
     if ck["step"] < 0:
         problems.append(f"its step is {ck['step']}")
-    for name in ("class", "sample", "shuffle"):
-        try:
-            torch.Generator(device if name == "sample" else "cpu").set_state(ck[f"{name}_gen"])
-        except (RuntimeError, TypeError):
-            problems.append(f"its {name} random state is not one a {device.type if name == 'sample' else 'cpu'} "
-                            f"generator takes" + (" (it was written on another device type: resume on that one)"
-                                                  if name == "sample" else ""))
     return problems
 
 
@@ -2235,11 +2274,11 @@ def read_metrics(path: Path, before_step: int) -> List[dict]:
 # use_the_device installs them into the models that setup_policy made.
 # ----------------------------------------------------------------------------------------------------------
 
-def sample_in_chunks(var: VAR, vae: VQVAE, label_B, chunk: int, *args, **kwargs) -> Sample:
-    """`sample` over label_B in chunks of `chunk` images (0: all at once), one generator drawn from in turn: the
-    KV cache then holds one chunk. Reproducible for a seed and chunk size."""
+def sample_in_chunks(var: VAR, vae: VQVAE, label_B, seed_B, chunk: int, *args, **kwargs) -> Sample:
+    """`sample` over label_B in chunks of `chunk` images (0: all at once): the KV cache then holds one chunk. The
+    images are the same for any chunk size, since each draws from its own seed."""
     chunk = chunk or len(label_B)
-    parts = [sample(var, vae, label_B[i:i + chunk], *args, **kwargs) for i in range(0, len(label_B), chunk)]
+    parts = [sample(var, vae, label_B[i:i + chunk], seed_B[i:i + chunk], *args, **kwargs) for i in range(0, len(label_B), chunk)]
     if len(parts) == 1:
         return parts[0]
     return Sample([torch.cat(maps) for maps in zip(*(p.tokens for p in parts))], torch.cat([p.image for p in parts]),
@@ -2267,8 +2306,9 @@ def use_the_device(args: RunConfig, device: torch.device, var: VAR, ref: Optiona
         wrap_teacher_forced_blocks(var, compiled, args.grad_checkpointing)
     if compiled and ref is not None:
         wrap_teacher_forced_blocks(ref, compiled, False)
-    if args.cuda_graphs and device.type == "cuda":  # captured at the first rollout
-        use_cuda_graphs(var, 2 * (args.sample_batch or args.classes_per_step * args.group_size))
+    if args.cuda_graphs and device.type == "cuda":  # captured at the first rollout, for this process's batch
+        n_images = args.classes_per_step * args.group_size // world_size()
+        use_cuda_graphs(var, 2 * min(args.sample_batch or n_images, n_images))
 
 
 def can_compile() -> bool:
@@ -2398,8 +2438,8 @@ def benchmark(args: RunConfig, repeats: int = 3) -> dict:
         vae, var = build_vae(arch), build_var(arch, depth)
     B = args.bench_batch
     labels = torch.arange(B, device=device) % arch["num_classes"]
-    gen = torch.Generator(device).manual_seed(args.seed)
-    t_sample, s = timed(lambda: sample(var, vae, labels, cfg=1.5, top_k=900, top_p=0.96, generator=gen), device, repeats)
+    seeds = [seed_of(args.seed, "bench", i) for i in range(B)]
+    t_sample, s = timed(lambda: sample(var, vae, labels, seeds, cfg=1.5, top_k=900, top_p=0.96), device, repeats)
     x_BMCv = vae.quantize.tokens_to_var_input(s.tokens)
 
     def teacher_forced():
@@ -2414,14 +2454,13 @@ def benchmark(args: RunConfig, repeats: int = 3) -> dict:
     # whole GRPO steps, as train() runs them: random CLIP of --clip-model (no download) and aesthetic head
     reward_fn = build_reward(args, device, random_weights=True)
     pi_ref, opt = setup_policy(args, var, device)
-    gens = random_streams(args.seed, device)
     n_images = args.classes_per_step * args.group_size
     records = []
     for i in range(1 + repeats):  # the first step warms up (and compiles, with --compile)
-        label_B = torch.randint(var.num_classes, (args.classes_per_step,), generator=gens["class"])
+        label_B = torch.randint(var.num_classes, (args.classes_per_step,), generator=generator(args.seed, "classes", i))
         t0 = time.perf_counter()
         label_B = label_B.repeat_interleave(args.group_size).to(device)
-        rec = grpo_step(var, pi_ref, vae, reward_fn, opt, label_B, args, gens, PhaseClock(device))
+        rec = grpo_step(var, pi_ref, vae, reward_fn, opt, label_B, args, i, PhaseClock(device), Ranks())
         if i == 0:
             result["first_step_s"] = time.perf_counter() - t0
         else:
@@ -2567,6 +2606,127 @@ def run_level(stage: nn.Module, x_BChw):
         if len(stage.attn):
             x_BChw = stage.attn[i](x_BChw)
     return x_BChw
+
+
+# ----------------------------------------------------------------------------------------------------------
+# H. More than one GPU: `torchrun --nproc_per_node N var_grpo.py ...` runs N copies of this file, one per GPU (gloo
+# processes on a CPU). Each samples, scores and computes the log-probs of P/N whole groups; the batch's rewards, tokens
+# and log-probs (a few hundred KB) are then gathered on every process, each takes 1/N of every minibatch, and DDP
+# averages the gradients, so every update is the one-process update on all P*G images. Every random draw is keyed by
+# (seed, step, image), so the run is the same for any N, up to the order of floating-point sums. Only process 0
+# evaluates, prints and writes files. `python var_grpo.py` runs one process: Ranks() and nothing of this section.
+# ----------------------------------------------------------------------------------------------------------
+
+DIST_TIMEOUT = timedelta(minutes=20)  # a process that hangs (rather than fails) ends the job after this long
+
+
+class Ranks:
+    """This process's place among the N processes of a torchrun job, and the collectives the loop needs. One process
+    (the default, Ranks()): rank 0 of 1, and each method returns its input."""
+    def __init__(self, rank: int = 0, world: int = 1, device: torch.device = torch.device("cpu")):
+        self.rank, self.world, self.device, self.ddp = rank, world, device, None
+        self.main = rank == 0
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def share(self, n: int) -> slice:
+        """This process's consecutive 1/N of n items; for the P*G images of a step, P/N whole groups."""
+        k = n // self.world
+        return slice(self.rank * k, (self.rank + 1) * k)
+
+    def gather(self, x):
+        """x (a tensor, or tuples, lists, dicts of them) of every process, concatenated along dim 0 in rank order."""
+        if self.world == 1:
+            return x
+        if isinstance(x, dict):
+            return {k: self.gather(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(self.gather(v) for v in x)
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    def gather_stats(self, mb_stats: List[List[dict]]) -> List[List[dict]]:
+        """Each minibatch's micro-batch statistics of every process (the step's record averages them)."""
+        if self.world == 1:
+            return mb_stats
+        every = [None] * self.world
+        dist.all_gather_object(every, mb_stats)
+        return [[s for r in every for s in r[m]] for m in range(len(mb_stats))]
+
+    def any(self, flag: bool) -> bool:
+        """True on every process if it is True on one (a stop signal reaches all of them at the same step)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def wrap(self, var: VAR):
+        """Wrap var in DDP: it all-reduces the gradients of the trained weights only (LoRA: the adapters), and the
+        buffers are constants, so they are not broadcast at every forward."""
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            new_name = "forward_sync_buffers" in inspect.signature(DDP).parameters  # newer torch renamed broadcast_buffers
+            self.ddp = DDP(var, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                           **{"forward_sync_buffers" if new_name else "broadcast_buffers": False})
+
+    def forward(self, var: VAR):
+        """What runs var's teacher-forced pass in the update: DDP's wrapper, whose backward all-reduces."""
+        return var if self.ddp is None else self.ddp
+
+    def accumulating(self, last: bool):
+        """A micro-batch's backward: without the all-reduce, unless it is the minibatch's last (DDP's no_sync)."""
+        return nullcontext() if self.ddp is None or last else self.ddp.no_sync()
+
+
+def world_size() -> int:
+    """The number of processes torchrun started (WORLD_SIZE); 1 without torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextmanager
+def torchrun_processes(device: torch.device):
+    """(ranks, device) of this process. Under torchrun: join the process group (NCCL on GPUs, gloo on CPU), each
+    process on its node's GPU LOCAL_RANK, with a finite timeout; the other processes print nothing but errors. An
+    error ends this process at once, non-zero, with its message; the others then fail in their next collective, say
+    so, and end too (torchrun's summary names the first to fail). Without torchrun: Ranks() and the device as given."""
+    if world_size() == 1:
+        yield Ranks(), device
+        return
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():  # once per process (a script may call train() more than once), left at exit
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
+        atexit.register(dist.destroy_process_group)
+    ranks = Ranks(dist.get_rank(), dist.get_world_size(), device)
+    stdout = sys.stdout
+    if not ranks.main:
+        sys.stdout = open(os.devnull, "w")
+    try:
+        yield ranks, device
+    except BaseException as e:
+        if peer_failed(e):  # wait, so that torchrun sees the process that failed end first and names it
+            print(f"error (process {ranks.rank} of {ranks.world}): another process of this torchrun job failed (its "
+                  f"error is above); this one stops too", file=sys.stderr, flush=True)
+            time.sleep(3)
+            raise SystemExit(1) from None
+        raise
+    finally:
+        sys.stdout = stdout
+
+
+def peer_failed(e: BaseException) -> bool:
+    """Did a collective fail because another process ended? (gloo: the connection closed; NCCL: a backend error)"""
+    return isinstance(e, getattr(dist, "DistError", ())) or "closed by peer" in str(e) or "Connection reset" in str(e)
+
+
+def which_process() -> str:
+    """" (process r of N)" under torchrun, for messages; "" in one process."""
+    return f" (process {os.environ.get('RANK', '?')} of {world_size()})" if world_size() > 1 else ""
 
 
 if __name__ == "__main__":

@@ -68,8 +68,8 @@ def figure(rows: dict, path: Path, seed: int):
     except TypeError:  # Pillow < 10.1
         font = ImageFont.load_default()
     for r, (name, var) in enumerate(rows.items()):
-        images = vg.sample(var.eval(), vae, labels, args.cfg, args.temperature,
-                           generator=torch.Generator().manual_seed(seed)).image
+        images = vg.sample(var.eval(), vae, labels, [vg.seed_of(seed, "figure", i) for i in range(len(labels))],
+                           args.cfg, args.temperature).image
         big = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
         for c, img in enumerate(big):
             pixels = (img.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
