@@ -1684,7 +1684,7 @@ def test_two_processes_train_as_one_and_resume_exactly(tmp_path):
     bit. Catches: seeds that depend on the process (every image drawn twice or differently), groups split across
     processes, a gradient summed instead of averaged (or not synchronised at all), a resume that restarts a stream."""
     runs = dict(full=["--steps", "4"], lora=["--steps", "3", "--lora-rank", "4"])
-    flags = ["--tiny", "--summary-samples", "0", "--eval-every", "100"]
+    flags = ["--tiny", "--summary-samples", "0", "--eval-every", "100", "--num-eval", "4"]
     code, out, seconds = torchrun(tmp_path, f"""
 for name, argv in {runs!r}.items():
     vg.main({flags!r} + argv + ["--out", {str(tmp_path)!r} + "/two-" + name])
