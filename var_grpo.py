@@ -505,11 +505,12 @@ DECODE_BATCH = 8  # images per decoder pass; measured at 256 px on an H200: 32 a
 def seed_of(*key) -> int:
     """The seed of one random draw, named by its key, e.g. (seed, "rollout", step, image index). Each draw has its own
     generator, so what it draws depends on its key alone: not on the draws before it, the batch it is in, or how many
-    processes share the work (issue: torchrun), and a resumed run needs no saved generator state."""
+    processes share the work (appendix H), and a resumed run needs no saved generator state."""
     return int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") >> 1  # 63 bits
 
 
 def generator(*key, device="cpu") -> torch.Generator:
+    """A generator seeded for the draw named by key (seed_of)."""
     return torch.Generator(device).manual_seed(seed_of(*key))
 
 
