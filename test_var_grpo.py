@@ -1324,7 +1324,7 @@ def test_notebook_runs_on_cpu(path, tmp_path, monkeypatch):
     nbclient, nbformat = notebook_modules()
     monkeypatch.setenv("VAR_GRPO_CACHE", str(tmp_path / "empty-cache"))  # no official weights: the toy world
     monkeypatch.setenv("TMPDIR", str(tmp_path))                            # the notebook's run folder goes here
-    monkeypatch.setenv("VAR_GRPO_QUICK", "1")  # 00: a 25th, 04: a tenth of their training steps (the stored runs are whole)
+    monkeypatch.setenv("VAR_GRPO_QUICK", "1")  # 00: a 25th, 04: a 20th of their training steps (the stored runs are whole)
     # the kernel is this very interpreter, whatever other "python3" kernels the machine has registered
     spec = tmp_path / "jupyter" / "kernels" / "var-grpo-test" / "kernel.json"
     spec.parent.mkdir(parents=True)
