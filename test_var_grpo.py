@@ -748,12 +748,13 @@ def tiny_cfg(tmp_path, **kw):
 
 
 def test_tiny_prompt_run_draws_a_colour_the_pretraining_never_showed(tmp_path):
-    """`--tiny` as shipped: the prompt "a lime shape" through the toy CLIP and the toy aesthetic head, on a VAR that
-    was never shown lime. On 256 fresh samples of the final and of the starting policy (same classes and seeds) the
-    reward rises by >= 5 standard errors, the share of lime shapes (measured from pixels) rises from <= 5% to >= 30%,
-    and the judge still recognises >= 75% of the shapes (measured at seed 0: see README); summary.json says so, and an
-    independent draw of 256 more agrees."""
-    cfg = tiny_cfg(tmp_path / "run")
+    """`--tiny` as shipped, stopped after 120 of its 200 steps to keep the suite short (the README measures all 200):
+    the prompt "a lime shape" through the toy CLIP and the toy aesthetic head, on a VAR that was never shown lime. On
+    256 fresh samples of the final and of the starting policy (same classes and seeds) the reward rises by >= 5
+    standard errors, the share of lime shapes (measured from pixels) rises from <= 5% to >= 30%, and the judge still
+    recognises >= 75% of the shapes (measured at seed 0 after 120 steps: 38.7 standard errors, lime 0.4% -> 73.8%,
+    class accuracy 89.5% -> 93.8%); summary.json says so, and an independent draw of 256 more agrees."""
+    cfg = tiny_cfg(tmp_path / "run", steps=120)
     assert cfg.prompt == "a lime shape" and cfg.reward == "clip=1,aesthetic=0.05"
     result = vg.train(cfg)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -791,7 +792,7 @@ def test_tiny_prompt_run_draws_a_colour_the_pretraining_never_showed(tmp_path):
     assert fresh_kl > 0.05 and 0.5 < logged_kl / fresh_kl < 2, (fresh_kl, logged_kl)
     run = tmp_path / "run"
     for name in ["config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "var_final.pth", "reward_curve.png",
-                 "before_after.png", "eval_step00000.png", f"eval_step{vg.TINY_DEFAULTS['steps']:05d}.png"]:
+                 "before_after.png", "eval_step00000.png", "eval_step00120.png"]:
         assert (run / name).exists(), name
     rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ["step", "reward_mean", "reward_std", "ratio_mean", "clip_mean", "clip_std", "aesthetic_mean", "adv_abs_mean",
