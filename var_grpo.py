@@ -514,6 +514,11 @@ def generator(*key, device="cpu") -> torch.Generator:
     return torch.Generator(device).manual_seed(seed_of(*key))
 
 
+def image_seeds(n: int, *key) -> List[int]:
+    """The seeds of n images drawn under one key, e.g. (seed, "rollout", step): image i's is seed_of(*key, i)."""
+    return [seed_of(*key, i) for i in range(n)]
+
+
 @dataclass
 class Sample:
     tokens: List[torch.Tensor]          # K token maps (B, pn*pn), coarse to fine
@@ -797,7 +802,7 @@ def grpo_step(var: VAR, pi_ref, vae: VQVAE, reward_fn, opt, label_B, args: Confi
     n_images, mb_size = len(label_B), len(label_B) // args.minibatches
     mine = ranks.share(n_images)  # torchrun: this process's P/N whole groups; one process: all of them
     # 4. rollout: P classes x G images from the current policy, with each token's log-prob
-    seed_B = [seed_of(args.seed, "rollout", step, i) for i in range(n_images)]
+    seed_B = image_seeds(n_images, args.seed, "rollout", step)
     roll = sample_in_chunks(var, vae, label_B[mine], seed_B[mine], args.sample_batch, args.cfg, args.temperature,
                             return_logprobs=True)
     clock("sample")
@@ -1419,7 +1424,7 @@ def class_pools(args: Config, num_classes: int):
     if spec == "none" or (spec == "auto" and len(pool) < 100):
         return pool, pool[:0]
     if spec == "auto":
-        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(args.seed + 40_000))
+        order = torch.randperm(len(pool), generator=generator(args.seed, "heldout"))
         heldout = pool[order[:len(pool) // 10]].sort().values
     else:
         try:
@@ -1475,7 +1480,8 @@ def check_config(args: Config):
         need(not args.bench, "--bench times one process: run it with python, not torchrun")
     if P >= 1 and args.minibatches >= 1 and args.micro_batch >= 1:
         mb = n // args.minibatches
-        need(n % args.minibatches == 0 and mb % N == 0 and (mb // N) % min(args.micro_batch, mb // N or 1) == 0,
+        part = mb // N  # a minibatch's images per process; a micro-batch larger than the part is cut to it
+        need(n % args.minibatches == 0 and mb % N == 0 and part % min(args.micro_batch, max(part, 1)) == 0,
              f"P*G = {P}*{args.group_size} = {n} images must split into --minibatches {args.minibatches}"
              + (f", each into {N} equal parts (one per torchrun process)," if N > 1 else "")
              + f" of a whole number of --micro-batch {args.micro_batch} images; e.g. --minibatches 1 --micro-batch "
@@ -1632,7 +1638,7 @@ class Evaluation:
 
     def __call__(self, var: VAR, step: int) -> float:
         args = self.args
-        seeds = [seed_of(args.seed, "eval", i) for i in range(len(self.labels))]
+        seeds = image_seeds(len(self.labels), args.seed, "eval")
         guidance = args.cfg if args.eval_cfg < 0 else args.eval_cfg
         s = sample_in_chunks(var, self.vae, self.labels, seeds, args.sample_batch, guidance, args.temperature,
                              args.eval_top_k, args.eval_top_p)
@@ -1664,7 +1670,7 @@ def compare_policies(var: VAR, pi_ref, vae, reward_fn, judge, pool, heldout, arg
 def measure_policies(var: VAR, pi_ref, vae, reward_fn, judge, labels, args: Config, device, what: str) -> dict:
     """compare_policies for one set of labels (the training classes, or the held-out ones), printed as `what`."""
     n, chunk = len(labels), args.sample_batch or args.classes_per_step * args.group_size  # known to fit
-    labels, seeds = labels.to(device), [seed_of(args.seed, "summary", i) for i in range(len(labels))]
+    labels, seeds = labels.to(device), image_seeds(len(labels), args.seed, "summary")
     result, drawn = {}, {}  # drawn: per policy, the total reward and each component of every sample
     for name in ("start", "end"):
         with pi_ref() if name == "start" else nullcontext(var) as policy:
@@ -1741,7 +1747,7 @@ def spread_classes(pool, n: int, seed: int):
     random n of them (not the first n: ImageNet's first 256 ids are fish, birds and reptiles)."""
     if n >= len(pool):
         return pool[torch.arange(n) % len(pool)]
-    return pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed + 30_000))[:n]]
+    return pool[torch.randperm(len(pool), generator=generator(seed, "spread"))[:n]]
 
 
 class ClipClassJudge(nn.Module):
@@ -2439,7 +2445,7 @@ def benchmark(args: RunConfig, repeats: int = 3) -> dict:
         vae, var = build_vae(arch), build_var(arch, depth)
     B = args.bench_batch
     labels = torch.arange(B, device=device) % arch["num_classes"]
-    seeds = [seed_of(args.seed, "bench", i) for i in range(B)]
+    seeds = image_seeds(B, args.seed, "bench")
     t_sample, s = timed(lambda: sample(var, vae, labels, seeds, cfg=1.5, top_k=900, top_p=0.96), device, repeats)
     x_BMCv = vae.quantize.tokens_to_var_input(s.tokens)
 
@@ -2717,7 +2723,9 @@ def torchrun_processes(device: torch.device):
             raise SystemExit(1) from None
         raise
     finally:
-        sys.stdout = stdout
+        if sys.stdout is not stdout:
+            sys.stdout.close()
+            sys.stdout = stdout
 
 
 def peer_failed(e: BaseException) -> bool:

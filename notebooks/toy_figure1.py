@@ -68,7 +68,7 @@ def figure(rows: dict, path: Path, seed: int):
     except TypeError:  # Pillow < 10.1
         font = ImageFont.load_default()
     for r, (name, var) in enumerate(rows.items()):
-        images = vg.sample(var.eval(), vae, labels, [vg.seed_of(seed, "figure", i) for i in range(len(labels))],
+        images = vg.sample(var.eval(), vae, labels, vg.image_seeds(len(labels), seed, "figure"),
                            args.cfg, args.temperature).image
         big = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
         for c, img in enumerate(big):

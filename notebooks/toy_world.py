@@ -283,7 +283,7 @@ def train_var(vae: vg.VQVAE, steps: int, generator: torch.Generator, batch: int 
 @torch.no_grad()
 def sample_accuracy(var, vae, judge, n: int, cfg: float, seed: int, batch: int = 256) -> float:
     """Class accuracy of n samples (classes 0..9 in turn) by the judge, with guidance cfg, no top-k/top-p."""
-    labels, seeds = torch.arange(n) % var.num_classes, [vg.seed_of(seed, "accuracy", i) for i in range(n)]
+    labels, seeds = torch.arange(n) % var.num_classes, vg.image_seeds(n, seed, "accuracy")
     hits = [accuracy(judge, vg.sample(var, vae, labels[i:i + batch], seeds[i:i + batch], cfg).image, labels[i:i + batch])
             * len(labels[i:i + batch]) for i in range(0, n, batch)]
     return sum(hits) / n
@@ -526,8 +526,7 @@ def main(argv=None):
     for cfg in (0.0, 1.5, 3.0):
         report[f"sample_accuracy_cfg{cfg}"] = sample_accuracy(var, vae, judge, 1000, cfg, seed=1)
     with torch.no_grad():
-        seeds = [vg.seed_of(1, "colours", i) for i in range(len(test_labels))]
-        colours = vg.toy_colour_of(vg.sample(var, vae, test_labels, seeds, 1.5).image)
+        colours = vg.toy_colour_of(vg.sample(var, vae, test_labels, vg.image_seeds(len(test_labels), 1, "colours"), 1.5).image)
     for name in NEW_COLOURS:  # it never saw them
         report[f"sample_share_{name}"] = (colours == COLOURS.index(name)).float().mean().item()
 
