@@ -1,108 +1,101 @@
 """
 var_grpo.py -- fine-tune a next-scale Visual AutoRegressive model (VAR) with GRPO, in one file.
 
-Reference implementation of "Fine-Tuning Next-Scale Visual Autoregressive Models with Group Relative
-Policy Optimization" (arXiv 2505.23331) on top of VAR (Tian et al. 2024, FoundationVision/VAR, MIT).
-The VAR tokenizer and transformer below load the official checkpoints (vae_ch160v4096z32.pth,
-var_d{16,20,24,30}.pth) unchanged and reproduce the official outputs number for number.
+Reference implementation of "Fine-Tuning Next-Scale Visual Autoregressive Models with Group Relative Policy
+Optimization" (arXiv 2505.23331) on top of VAR (Tian et al. 2024, FoundationVision/VAR, MIT). The tokenizer and the
+transformer below load the official checkpoints (vae_ch160v4096z32.pth, var_d{16,20,24,30}.pth) unchanged and
+reproduce the official outputs number for number.
 
 The model (VAR paper, arXiv 2404.02905, sec. 3)
-  1. Tokenizer. A CNN encoder maps an image to a latent f (Cvae x h x w, h = w = 16 at 256 px). Residual
-     quantisation over K scales (patch_nums 1,2,3,4,5,6,8,10,13,16) turns f into K token maps r_1..r_K:
+  1. Tokenizer. A CNN encoder maps an image to a latent f (Cv x h x w, 32 x 16 x 16 at 256 px). Residual
+     quantisation over K scales (h_k = 1,2,3,4,5,6,8,10,13,16) turns f into K token maps r_1..r_K:
        for k = 1..K:  r_k = argmin_v || area_down(f - f_hat, h_k) - e_v ||        (nearest codebook entry)
                       f_hat += phi_k( bicubic_up(e[r_k], h) )                      (phi_k: a 3x3 conv, mixed 50/50)
      The decoder maps f_hat back to pixels. 680 tokens in all at 256 px, vocabulary V = 4096.
-  2. Transformer. A GPT-style decoder with adaptive layer norm on the class label c predicts every token of
-     scale k at once. Its input at scale k is f_hat after k-1 scales, area-downsampled to h_k x h_k; the
-     block-causal mask lets it see the inputs of scales 1..k (its own scale's inputs too), never a finer scale:
+  2. Transformer. A GPT-style decoder with adaptive layer norm on the class label c predicts every token of scale k
+     at once, from f_hat after k-1 scales area-downsampled to h_k x h_k; a block-causal mask hides finer scales:
        p(r_1, ..., r_K | c) = prod_k p(r_k | r_<k, c),   p(r_k | r_<k, c) = prod_{i in scale k} p(r_k,i | r_<k, c)
-  3. Sampling: 10 forward passes (one per scale) with a KV cache and classifier-free guidance ramped over scales:
+  3. Sampling: K forward passes (one per scale) with a KV cache and classifier-free guidance ramped over scales:
        z_k = (1 + s_k) z_k(c) - s_k z_k(null),   s_k = cfg * (k-1)/(K-1)          (z_k: the logits of scale k)
-     then temperature, optional top-k / top-p, and a multinomial draw from the image's own random generator, seeded
-     by a key such as (seed, step, image): an image depends on its class and key alone, not on the batch or the
-     process that draws it.
+     then temperature and a multinomial draw from the image's own generator, seeded by a key such as (seed, step,
+     image): an image depends on its class and key alone, not on the batch it is drawn in.
 
 The fine-tuning (GRPO, Shao et al. 2024, as used in the paper)
-  4. The policy pi_theta is VAR given an ImageNet class c; the text prompt enters only through the reward.
-     Each step draws P classes (uniformly, with replacement) and samples a group of G images per class (P*G
-     images) with pi_old = pi_theta.
+  4. The policy pi_theta is VAR given an ImageNet class c; the text prompt enters only through the reward. Each step
+     draws P classes and samples a group of G images per class (P*G images) with pi_old = pi_theta.
   5. Reward R(x) = sum_j lambda_j R_j(x): CLIP cosine similarity to the prompt and the LAION aesthetic score, both
      from one CLIP forward pass (in the toy world of --tiny: a toy CLIP and a toy aesthetic head; or pixel statistics).
   6. Group-relative advantage, one per image:  A_i = (R_i - mean_group(R)) / (std_group(R) + eps).
-     (--adv-norm batch divides by the std of the whole batch instead; --adv-norm none not at all, as Dr. GRPO
-     argues: A_i = R_i - mean_group(R).)
-  7. Per token t of image i, with rho_t = exp(log pi_theta(a_t) - log pi_old(a_t)) and the guided, temperature-scaled
-     distribution of step 3 (the one the token a_t was actually drawn from), the loss J:
+  7. Per token t of image i, with rho_t = exp(log pi_theta(a_t) - log pi_old(a_t)) under the guided, temperature-scaled
+     distribution of step 3 (the one a_t was drawn from), the loss J:
        J_i = sum_t w_t [ -min(rho_t A_i, clip(rho_t, 1-eps_clip, 1+eps_clip) A_i) + beta * KL_t ],   J = mean_i J_i
        KL_t = exp(q_t) - q_t - 1,  q_t = log pi_ref(a_t) - log pi_theta(a_t)    (k3 estimator, pi_ref frozen at start)
-     Every image counts equally and, by default, every one of its L = 680 tokens too: w_t = 1/L (so the 256 tokens
-     of the last scale carry 256/680 of the weight, the single first token 1/680); --token-weight scale gives each
-     of the K scales 1/K instead: w_t = 1/(K n_k) for a token of scale k, which has n_k tokens.
-     log pi_old is what the sampler recorded (pi_old = pi_theta at sampling time); --old-logprobs recompute
-     recomputes it with one no-grad teacher-forced pass, which removes the bf16 gap between the two on a GPU.
-  8. --inner-epochs passes (default 1) of AdamW over --minibatches minibatches of the P*G samples, on all weights or
-     (--lora-rank) on low-rank adapters W + W_up W_down of the blocks' linears, pi_ref then being the adapters off;
-     then back to 4. At the end, fresh samples of the starting and the final policy (same classes and seeds) measure
-     what changed (summary.json).
+     By default every token of an image weighs the same, w_t = 1/L; log pi_old is what the sampler recorded.
+  8. --inner-epochs passes of AdamW over --minibatches minibatches of the P*G samples, on all weights (pi_ref: a frozen
+     copy) or on LoRA adapters (pi_ref: the adapters off); then back to 4. At the end, fresh samples of the starting
+     and the final policy (same classes and seeds) measure what changed (summary.json).
 
 The toy world (--tiny): the same code on a CPU, with a VQ-VAE, a VAR-d2, a CLIP and an aesthetic head trained from
 scratch on 32 px images of coloured shapes (notebooks/toy_world.py; weights in notebooks/toy/). VAR saw 8 colours,
 CLIP 11; the prompt "a lime shape" makes VAR draw a colour its pretraining never showed it, as in the paper.
 
-Notation: one meaning per letter. Shapes, in names (logits_BLV) and trailing comments: B images (2B: both CFG
-branches), P classes a step, G group size, K scales (the code's si = k - 1 counts from 0), L tokens of all scales
-(680), l tokens of one scale (pn*pn, pn its side), M = L - 1 teacher-forced inputs, C channels (the transformer's
-width 64*depth; a feature map's in _BChw), nh attention heads, dh head width, V vocabulary (4096), Cvae latent
-channels (32), h x w the latent (16 x 16), H x W pixels, D CLIP embedding width (768). In the equations: c a class,
-t a token, r_k a token map, R a reward, A an advantage, rho a probability ratio, w_t a token's weight, s_k the
-guidance of scale k, z logits, J the loss, beta the KL weight, h_k the side of scale k's map (pn in the code).
-(scale_mul_1H11, the official key, counts heads with H.)
+Notation, one meaning per symbol. Shapes are written in names (logits_BLV) or in trailing comments:
+  B      images in a batch (2B: the batch twice, with its classes and with the null class, for guidance)
+  P      classes drawn per step
+  G      images per class in a step: a group
+  K      scales (k = 1..K in the equations; the code's si = k - 1 counts from 0)
+  L      tokens of all scales (680)
+  l      tokens of one scale (l_k = h_k * h_k)
+  h_k    the side of scale k's token map (pn in the code, from patch_nums)
+  M      teacher-forced input positions: L minus the first scale's
+  C      the transformer's width (64 * depth)
+  nh     attention heads
+  dh     the width of one head (C / nh)
+  V      vocabulary (4096)
+  Cv     the latent's channels (Cvae, 32)
+  h, w   the latent's height and width (16 x 16)
+  H, W   an image's height and width in pixels
+  D      the width of a CLIP embedding (768)
+  c      a class label
+  t      a token
+  r_k    scale k's token map
+  R      a reward; lambda_j the weight of its component R_j
+  A      an advantage
+  rho    the probability ratio pi_theta / pi_old
+  w_t    a token's weight in the loss
+  s_k    the guidance of scale k
+  z      logits
+  J      the loss
+  beta   the weight of the KL term
+  q_t    log pi_ref - log pi_theta of a token (inside the k3 KL)
+  The official checkpoints' key names keep their own letters (scale_mul_1H11: H heads; ema_vocab_hit_SV: S scales).
 
 Where this differs from the papers and the official code: beyond its abstract, the GRPO paper's text was not
 available to us (its Figure 1 used VAR-d30), so every default (learning rate, beta, clip range, group size, steps,
 reward weights) is this project's choice; VAR.forward drops no class labels (that belongs to pretraining); only
 the released checkpoints' attention (cosine attention, one AdaLN per block) is implemented.
 
-Reading order: Config | Tokenizer (step 1) | Transformer (step 2) | Sampling (step 3) | Rewards (step 5) | GRPO
-(steps 6-7) | What is trained (step 8) | The training loop (steps 4-8) | main. Then an APPENDIX of plumbing that
-changes nothing the method computes: A weights, B command line, C measuring a run, D run directory, E speed and
-memory on a GPU, F benchmark, G the VQGAN encoder and decoder, H more than one GPU (torchrun).
+Reading order: Config | Tokenizer (step 1) | Transformer (2) | Sampling (3) | Rewards (5) | GRPO (6-7) | The policy
+(8) | The training loop (4-8) | main. Then an APPENDIX of plumbing that changes nothing the method computes.
 """
 from __future__ import annotations
 
-import argparse
-import ast
-import atexit
 import copy
 import hashlib
-import inspect
-import json
 import math
-import os
-import pickle
-import signal
-import sys
-import threading
-import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, fields, replace
-from datetime import timedelta
-from pathlib import Path
+from dataclasses import dataclass
 from typing import List, Optional
-from urllib.parse import unquote
 
 import numpy as np
-import requests
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Config: the method's settings. One field per setting; the string under it is its --help. How and where a run
-# executes (device, files, evaluation, memory and speed) is RunConfig in appendix B, which adds those fields to these;
-# the command line is derived from both. Then the architecture of the official checkpoints and of the toy world.
+# Config: the method's settings, one field each, its --help the string under it (how and where a run executes is
+# RunConfig, appendix B). Then the architecture of the official checkpoints and of the toy world.
 # ----------------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -110,8 +103,7 @@ class Config:
     depth: int = 16
     """VAR depth: 16, 20, 24 or 30 (official checkpoint var_d{depth}.pth; width = 64*depth)"""
     tiny: bool = False
-    """the toy world on CPU: VAR-d2, CLIP and aesthetic head trained on 32 px coloured shapes (notebooks/toy/) instead
-    of the real weights"""
+    """the toy world on CPU: VAR-d2, CLIP and aesthetic head trained on 32 px coloured shapes (notebooks/toy/)"""
     seed: int = 0
     """seed of every random stream (sampling, class draws, initialisation)"""
     prompt: str = "ukiyo-e painting"
@@ -132,9 +124,10 @@ class Config:
     """P: class labels drawn per step"""
     group_size: int = 8
     """G: images sampled per class label; advantages are computed within each such group"""
-    lr: float = 0.0
-    """AdamW learning rate; 0: the default for what is trained, 1e-5 for full fine-tuning, 1e-4 for LoRA adapters
-    (--tiny: 2e-4 and 3e-3, measured there); config.json records the one used"""
+    lr: float = 1e-5
+    """AdamW learning rate of full fine-tuning (--tiny: 2e-4)"""
+    lora_lr: float = 1e-4
+    """AdamW learning rate of LoRA adapters (--lora-rank > 0): they start at zero, so they want more (--tiny: 3e-3)"""
     weight_decay: float = 0.0
     """AdamW weight decay (0: decaying towards zero would pull away from the pretrained weights; the KL term regularises)"""
     max_grad_norm: float = 1.0
@@ -146,39 +139,24 @@ class Config:
     adv_eps: float = 1e-4
     """added to the reward std before dividing"""
     adv_norm: str = "group"
-    """advantage A_i = (R_i - mean_group) / scale: group (scale = std_group + eps, GRPO), batch (std of the whole
-    batch + eps), none (scale 1, as Dr. GRPO argues: dividing by a small group std over-weights easy groups)"""
+    """what R_i - mean_group is divided by: group (its std + eps, GRPO), batch (the batch's std + eps), none (Dr. GRPO)"""
     old_logprobs: str = "sampler"
-    """log pi_old: sampler (recorded while sampling, free) or recompute (one no-grad teacher-forced pass before the
-    updates, as TRL does): use recompute on a GPU if logprob_gap_max (bf16 noise) clips tokens at the first update"""
+    """log pi_old: sampler (recorded while sampling) or recompute (a teacher-forced pass: no bf16 gap on a GPU)"""
     token_weight: str = "token"
-    """how an image's loss averages over its tokens: token (each token equally, the last scale carries 256/680 of
-    it) or scale (each scale equally)"""
+    """how an image's loss averages over its tokens: token (each equally: w_t = 1/L) or scale (each scale equally)"""
     inner_epochs: int = 1
     """passes over each step's P*G samples"""
     minibatches: int = 2
     """optimizer steps per inner epoch; the P*G samples are split into this many minibatches"""
-    heldout_classes: str = "auto"
-    """classes never drawn for training, measured apart in summary.json (heldout): comma-separated ids, none, or auto
-    (a seeded tenth of the pool when it has >= 100 classes, i.e. 100 of ImageNet's 1000; none of the toy world's 10)"""
     lora_rank: int = 0
-    """> 0: train LoRA adapters of this rank on the blocks' attention and MLP linears, base frozen (bf16 on a GPU), the
-    KL reference = adapters off; var_final.pth holds the merged weights; adapters want a larger --lr, which its
-    default gives them. 0: full fine-tuning"""
+    """> 0: train LoRA adapters of this rank on the blocks' linears (at --lora-lr), pi_ref = adapters off; 0: all weights"""
 
 
 # --tiny changes these defaults (flags given explicitly still win): the paper's claim on a CPU in about a minute, the
-# prompt "a lime shape" (a colour the toy VAR never saw) through the toy CLIP and aesthetic head. The learning rate
-# (DEFAULT_LR) and steps were chosen on the toy world (summary.json at seed 0, lime shapes and class accuracy): lr 2e-4
-# x 200 steps 0.4% -> 85.5%, 89.5% -> 90.6% (seeds 1, 2: 71.1% and 84.4% lime); with the sampler's earlier random
-# draws, lr 1e-4 x 400 steps gave 87.5% lime in twice the time, lr 3e-4 (an earlier VAR) 86% lime but 80% class accuracy.
+# prompt "a lime shape" (a colour the toy VAR never saw) through the toy CLIP and aesthetic head. The README gives the
+# measurements they were chosen by.
 TINY_DEFAULTS = dict(device="cpu", prompt="a lime shape", steps=200, classes_per_step=2, group_size=8, beta=0.05,
-                     num_eval=20, minibatches=2, micro_batch=8, eval_every=50, save_every=100)
-# --lr 0 (the default) means this learning rate, by (--tiny, LoRA). LoRA's adapters start at zero and move a low-rank
-# slice of each weight, so they want a larger one. --tiny --lora-rank 4, 200 steps, seed 0 (summary.json): lr 2e-4
-# reward +4.7 standard errors, lime shapes 0.4% -> 2.3%; 1e-3 +27.9, 52.3%; 3e-3 +37.6, 71.1%, class accuracy 89.5% ->
-# 93.0% (full fine-tuning at 2e-4: +40.8, 85.5%). The full-size LoRA value, 10x full fine-tuning's, is not tuned here.
-DEFAULT_LR = {(False, False): 1e-5, (False, True): 1e-4, (True, False): 2e-4, (True, True): 3e-3}
+                     lr=2e-4, lora_lr=3e-3, num_eval=20, minibatches=2, micro_batch=8, eval_every=50, save_every=100)
 
 # The architecture of the official checkpoints (FoundationVision/VAR models/__init__.py: build_vae_var).
 # width = 64 * depth and heads = depth for every official depth; --tiny swaps in TOY_ARCH.
@@ -191,10 +169,6 @@ TOY_ARCH = dict(OFFICIAL_ARCH, vocab_size=256, z_channels=16, ch=16, ch_mult=(1,
 TOY_DEPTH = 2
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on GPU (as the official code runs), plain fp32 on CPU (exact parity)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Tokenizer, step 1: the multi-scale residual VQ-VAE (VAR paper sec. 3.2, Algorithms 1-2; official models/vqvae.py,
@@ -204,13 +178,13 @@ def autocast(device: torch.device):
 # ----------------------------------------------------------------------------------------------------------
 
 class Phi(nn.Conv2d):
-    """phi_k of the paper: h -> (1 - ratio) h + ratio conv3x3(h). It repairs the blur of upsampling a coarse token map."""
-    def __init__(self, channels: int, ratio: float):
+    """phi_k of the paper: f -> (1 - mix) f + mix conv3x3(f). It repairs the blur of upsampling a coarse token map."""
+    def __init__(self, channels: int, mix: float):
         super().__init__(channels, channels, 3, padding=1)
-        self.ratio = abs(ratio)
+        self.mix = abs(mix)
 
-    def forward(self, h_BChw):
-        return h_BChw * (1 - self.ratio) + super().forward(h_BChw) * self.ratio
+    def forward(self, f_BCvhw):
+        return f_BCvhw * (1 - self.mix) + super().forward(f_BCvhw) * self.mix
 
 
 class MultiScaleQuantizer(nn.Module):
@@ -235,35 +209,35 @@ class MultiScaleQuantizer(nn.Module):
         self.phi_of_scale = [self.quant_resi.qresi_ls[int(np.argmin(np.abs(ticks - si / (K - 1))))] for si in range(K)]  # no new keys
 
     def scale_contribution(self, si: int, idx_Bl):
-        """phi_si(upsample(e[r_si])): what scale si's token map adds to f_hat. (B, Cvae, h, w)"""
+        """phi_si(upsample(e[r_si])): what scale si's token map adds to f_hat. (B, Cv, h, w)"""
         B, pn, h = idx_Bl.shape[0], self.patch_nums[si], self.patch_nums[-1]
-        h_BChw = self.embedding(idx_Bl).transpose(1, 2).reshape(B, -1, pn, pn)
+        e_BCvhw = self.embedding(idx_Bl).transpose(1, 2).reshape(B, -1, pn, pn)
         if pn != h:
-            h_BChw = F.interpolate(h_BChw, size=(h, h), mode="bicubic")
-        return self.phi_of_scale[si](h_BChw)
+            e_BCvhw = F.interpolate(e_BCvhw, size=(h, h), mode="bicubic")
+        return self.phi_of_scale[si](e_BCvhw)
 
-    def add_scale(self, f_hat_BChw, si: int, idx_Bl):
+    def add_scale(self, f_hat_BCvhw, si: int, idx_Bl):
         """f_hat += scale si's contribution (in place): the running reconstruction after scale si."""
-        return f_hat_BChw.add_(self.scale_contribution(si, idx_Bl))
+        return f_hat_BCvhw.add_(self.scale_contribution(si, idx_Bl))
 
-    def next_scale_input(self, f_hat_BChw, si: int):
-        """The transformer's input for scale si+1: f_hat so far, area-downsampled to that scale. (B, pn*pn, Cvae)"""
+    def next_scale_input(self, f_hat_BCvhw, si: int):
+        """The transformer's input for scale si+1: f_hat so far, area-downsampled to that scale. (B, pn*pn, Cv)"""
         pn = self.patch_nums[si + 1]
-        return F.interpolate(f_hat_BChw, size=(pn, pn), mode="area").flatten(2).transpose(1, 2)
+        return F.interpolate(f_hat_BCvhw, size=(pn, pn), mode="area").flatten(2).transpose(1, 2)
 
     @torch.no_grad()
-    def nearest_tokens(self, f_rest_BChw, si: int):
+    def nearest_tokens(self, f_rest_BCvhw, si: int):
         """r_si = argmin_v || area_down(f_rest, h_si) - e_v ||: the codebook entry nearest to each cell. (B, pn*pn)"""
-        B, C, h, w = f_rest_BChw.shape
-        pn, e_VC = self.patch_nums[si], self.embedding.weight
-        z_NC = (F.interpolate(f_rest_BChw, size=(pn, pn), mode="area") if pn != h else f_rest_BChw).permute(0, 2, 3, 1).reshape(-1, C)
-        # squared distances |z|^2 + |e|^2 - 2 z.e, in the official order of operations (exact argmin ties)
-        d_NV = (z_NC.square().sum(1, keepdim=True) + e_VC.square().sum(1)).addmm_(z_NC, e_VC.T, alpha=-2)
-        return d_NV.argmin(dim=1).view(B, pn * pn)
+        B, Cv, h, w = f_rest_BCvhw.shape
+        pn, e_VCv = self.patch_nums[si], self.embedding.weight
+        cells = (F.interpolate(f_rest_BCvhw, size=(pn, pn), mode="area") if pn != h else f_rest_BCvhw).permute(0, 2, 3, 1).reshape(-1, Cv)  # (B*pn*pn, Cv)
+        # squared distances |cell|^2 + |e|^2 - 2 cell.e, in the official order of operations (exact argmin ties)
+        distances = (cells.square().sum(1, keepdim=True) + e_VCv.square().sum(1)).addmm_(cells, e_VCv.T, alpha=-2)  # (B*pn*pn, V)
+        return distances.argmin(dim=1).view(B, pn * pn)
 
-    def f_to_tokens(self, f_BChw) -> List[torch.Tensor]:
+    def f_to_tokens(self, f_BCvhw) -> List[torch.Tensor]:
         """Encode a latent into K token maps, coarse to fine (official f_to_idxBl_or_fhat)."""
-        f_rest, tokens = f_BChw.clone(), []
+        f_rest, tokens = f_BCvhw.clone(), []
         for si in range(len(self.patch_nums)):
             idx_Bl = self.nearest_tokens(f_rest, si)
             tokens.append(idx_Bl)
@@ -280,7 +254,7 @@ class MultiScaleQuantizer(nn.Module):
 
     def tokens_to_var_input(self, tokens: List[torch.Tensor]):
         """Teacher-forcing input: for every scale after the first, f_hat of the coarser scales at that scale's
-        resolution, concatenated. (B, M, Cvae), M = L - 1 (official idxBl_to_var_input)"""
+        resolution, concatenated. (B, M, Cv) (official idxBl_to_var_input)"""
         h = self.patch_nums[-1]
         f_hat = torch.zeros(tokens[0].shape[0], self.embedding.embedding_dim, h, h, device=tokens[0].device)
         inputs = []
@@ -290,30 +264,6 @@ class MultiScaleQuantizer(nn.Module):
         return torch.cat(inputs, dim=1)
 
 
-class VQVAE(nn.Module):
-    """The tokenizer: encoder CNN, quantiser, decoder CNN. `cnn` may override the CNN's shape (appendix G; the toy
-    world's is smaller)."""
-    def __init__(self, vocab_size=4096, z_channels=32, ch=160, patch_nums=OFFICIAL_ARCH["patch_nums"],
-                 quant_resi=0.5, share_quant_resi=4, **cnn):
-        super().__init__()
-        self.encoder, self.decoder = Encoder(ch, z_channels, **cnn), Decoder(ch, z_channels, **cnn)
-        self.quantize = MultiScaleQuantizer(vocab_size, z_channels, patch_nums, quant_resi, share_quant_resi)
-        self.quant_conv, self.post_quant_conv = nn.Conv2d(z_channels, z_channels, 3, padding=1), nn.Conv2d(z_channels, z_channels, 3, padding=1)
-        self.requires_grad_(False).eval()  # frozen: GRPO trains only the transformer
-
-    def img_to_tokens(self, img_B3HW) -> List[torch.Tensor]:
-        """Image in [-1, 1] -> K token maps (B, pn*pn), coarse to fine (official img_to_idxBl)."""
-        return self.quantize.f_to_tokens(self.quant_conv(self.encoder(img_B3HW)))
-
-    def fhat_to_img(self, f_hat_BChw):
-        """Latent -> image in [-1, 1]."""
-        return self.decoder(self.post_quant_conv(f_hat_BChw)).clamp_(-1, 1)
-
-    def tokens_to_img(self, tokens: List[torch.Tensor]):
-        """K token maps -> image in [-1, 1] (official idxBl_to_img(..., same_shape=True, last_one=True))."""
-        return self.fhat_to_img(self.quantize.tokens_to_fhat(tokens))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Transformer, step 2: VAR (VAR paper sec. 3.2 and 4, official models/var.py, basic_var.py). A GPT-2-like decoder
 # whose layer norms are modulated by the class embedding (AdaLN), run over the 680 tokens of all scales at once.
@@ -321,53 +271,54 @@ class VQVAE(nn.Module):
 # scale's inputs), never a finer scale: scale k's tokens are predicted in parallel from everything coarser.
 # ----------------------------------------------------------------------------------------------------------
 
+class KVCache:
+    """Sampling: the attention keys and values of the tokens drawn so far, in buffers allocated once for all L tokens
+    (a CUDA graph needs fixed addresses). `start` is where the current scale's tokens go."""
+    def __init__(self, L: int):
+        self.L, self.start, self.keys, self.values = L, 0, None, None  # keys, values: (2B, nh, L, dh)
+
+    def write(self, key_new, value_new):
+        """Store this scale's keys and values (2B, nh, l, dh); return those of every scale so far (2B, nh, start + l, dh)."""
+        if self.keys is None:
+            self.keys = key_new.new_empty(*key_new.shape[:2], self.L, key_new.shape[3])
+            self.values = torch.empty_like(self.keys)
+        end = self.start + key_new.shape[2]
+        self.keys[:, :, self.start:end], self.values[:, :, self.start:end] = key_new, value_new
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
 class QKVLinear(nn.Linear):
-    """The q, k, v projection. Its biases are the attention's parameters (official keys q_bias, v_bias; keys get
-    none), passed in, so that the bias is added inside the matmul exactly as in the official code."""
-    def forward(self, x_BLC, bias_3C):
-        return F.linear(x_BLC, self.weight, bias_3C)
+    """The query, key and value projection. Its biases are the attention's parameters (official keys q_bias, v_bias;
+    keys get none), passed in, so that the bias is added inside the matmul exactly as in the official code."""
+    def forward(self, x, bias_3C):
+        return F.linear(x, self.weight, bias_3C)
 
 
 class SelfAttention(nn.Module):
-    """Cosine attention (the official attn_l2_norm=True, which every released checkpoint uses): q and k are
-    L2-normalised and q is scaled by a learned per-head temperature, capped at 100, instead of 1/sqrt(dh)."""
+    """Cosine attention (the official attn_l2_norm=True, which every released checkpoint uses): queries and keys are
+    L2-normalised and the queries scaled by a learned per-head temperature, capped at 100, instead of 1/sqrt(dh)."""
     def __init__(self, C: int, nh: int):
         super().__init__()
         self.nh, self.dh = nh, C // nh
         self.mat_qkv = QKVLinear(C, 3 * C, bias=False)
         self.q_bias, self.v_bias = nn.Parameter(torch.zeros(C)), nn.Parameter(torch.zeros(C))
         self.register_buffer("zero_k_bias", torch.zeros(C))  # keys get no bias; stored in the official checkpoint
-        self.scale_mul_1H11 = nn.Parameter(torch.full((1, nh, 1, 1), 4.0).log())  # (1, nh, 1, 1), official name
+        self.scale_mul_1H11 = nn.Parameter(torch.full((1, nh, 1, 1), 4.0).log())  # (1, nh, 1, 1): log temperature
         self.proj = nn.Linear(C, C)
 
-    def forward(self, x_BLC, attn_bias=None, kv_cache: Optional[KVCache] = None):
-        B, L, C = x_BLC.shape
-        qkv_BLC3 = self.mat_qkv(x_BLC, torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)))
-        q, k, v = qkv_BLC3.view(B, L, 3, self.nh, self.dh).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, L, dh)
-        q = F.normalize(q, dim=-1).mul(self.scale_mul_1H11.clamp_max(math.log(100)).exp())
-        k = F.normalize(k, dim=-1)
+    def forward(self, x, attn_bias=None, kv_cache: Optional[KVCache] = None):
+        """x: (batch, length, C): (2B, L, C) in a teacher-forced pass, (2B, l, C) per scale when sampling."""
+        batch, length, C = x.shape
+        qkv = self.mat_qkv(x, torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)))
+        query, key, value = qkv.view(batch, length, 3, self.nh, self.dh).permute(2, 0, 3, 1, 4).unbind(0)  # (batch, nh, length, dh)
+        query = F.normalize(query, dim=-1).mul(self.scale_mul_1H11.clamp_max(math.log(100)).exp())
+        key = F.normalize(key, dim=-1)
         if kv_cache is not None:  # sampling: scale k attends to the cached keys/values of scales < k, and its own
-            k, v = kv_cache.write(k, v)
+            key, value = kv_cache.write(key, value)
         if attn_bias is not None:
-            attn_bias = attn_bias.to(v.dtype)
-        out = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v, attn_mask=attn_bias, scale=1.0)  # (B, nh, L, dh)
-        return self.proj(out.transpose(1, 2).reshape(B, L, C))
-
-
-class KVCache:
-    """Sampling: the keys and values of the tokens drawn so far, in buffers allocated once for all L tokens (a CUDA
-    graph needs fixed addresses). `start` is where the current scale's tokens go."""
-    def __init__(self, L: int):
-        self.L, self.start, self.k, self.v = L, 0, None, None  # k, v: (B, nh, L, dh)
-
-    def write(self, k_new, v_new):
-        """Store this scale's keys and values (B, nh, l, dh); return those of every scale so far (B, nh, start + l, dh)."""
-        if self.k is None:
-            self.k = k_new.new_empty(*k_new.shape[:2], self.L, k_new.shape[3])
-            self.v = torch.empty_like(self.k)
-        end = self.start + k_new.shape[2]
-        self.k[:, :, self.start:end], self.v[:, :, self.start:end] = k_new, v_new
-        return self.k[:, :, :end], self.v[:, :, :end]
+            attn_bias = attn_bias.to(value.dtype)
+        out = F.scaled_dot_product_attention(query.to(value.dtype), key.to(value.dtype), value, attn_mask=attn_bias, scale=1.0)
+        return self.proj(out.transpose(1, 2).reshape(batch, length, C))
 
 
 class FFN(nn.Module):
@@ -380,8 +331,8 @@ class FFN(nn.Module):
 
 
 class AdaLNBlock(nn.Module):
-    """x += gamma1 * attn(LN(x)(1 + scale1) + shift1);  x += gamma2 * ffn(LN(x)(1 + scale2) + shift2), with the six
-    modulation vectors computed from the class embedding (official AdaLNSelfAttn)."""
+    """x += gamma1 * attn(LN(x)(1 + gain1) + shift1);  x += gamma2 * ffn(LN(x)(1 + gain2) + shift2), with the six
+    modulation vectors computed from the class embedding (official AdaLNSelfAttn, which calls the gains "scale")."""
     def __init__(self, C: int, nh: int, mlp_ratio: float, norm_eps: float):
         super().__init__()
         self.C = C
@@ -390,11 +341,11 @@ class AdaLNBlock(nn.Module):
         self.ln_wo_grad = nn.LayerNorm(C, eps=norm_eps, elementwise_affine=False)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
 
-    def forward(self, x_BLC, cond_BC, attn_bias=None, kv_cache=None):
+    def forward(self, x, cond_BC, attn_bias=None, kv_cache=None):
         mod = self.ada_lin(cond_BC).view(-1, 1, 6, self.C)
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = mod.unbind(2)  # each (B, 1, C)
-        x_BLC = x_BLC + self.attn(self.ln_wo_grad(x_BLC).mul(scale1.add(1)).add_(shift1), attn_bias, kv_cache).mul_(gamma1)
-        return x_BLC + self.ffn(self.ln_wo_grad(x_BLC).mul(scale2.add(1)).add_(shift2)).mul(gamma2)
+        gamma1, gamma2, gain1, gain2, shift1, shift2 = mod.unbind(2)  # each (B, 1, C)
+        x = x + self.attn(self.ln_wo_grad(x).mul(gain1.add(1)).add_(shift1), attn_bias, kv_cache).mul_(gamma1)
+        return x + self.ffn(self.ln_wo_grad(x).mul(gain2.add(1)).add_(shift2)).mul(gamma2)
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -404,9 +355,9 @@ class AdaLNBeforeHead(nn.Module):
         self.ln_wo_grad = nn.LayerNorm(C, eps=norm_eps, elementwise_affine=False)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))
 
-    def forward(self, x_BLC, cond_BC):
-        scale, shift = self.ada_lin(cond_BC).view(-1, 1, 2, self.C).unbind(2)
-        return self.ln_wo_grad(x_BLC).mul(scale.add(1)).add_(shift)
+    def forward(self, x, cond_BC):
+        gain, shift = self.ada_lin(cond_BC).view(-1, 1, 2, self.C).unbind(2)
+        return self.ln_wo_grad(x).mul(gain.add(1)).add_(shift)
 
 
 class VAR(nn.Module):
@@ -420,7 +371,7 @@ class VAR(nn.Module):
         self.first_l = patch_nums[0] ** 2
         self.scale_ends = np.cumsum([pn * pn for pn in patch_nums]).tolist()  # token index where each scale ends
 
-        self.word_embed = nn.Linear(z_channels, C)         # f_hat feature (Cvae) -> token embedding
+        self.word_embed = nn.Linear(z_channels, C)         # f_hat feature (Cv) -> token embedding
         self.class_emb = nn.Embedding(num_classes + 1, C)  # index num_classes is the null class of CFG
         init_std = math.sqrt(1 / C / 3)
         self.pos_start = nn.Parameter(torch.empty(1, self.first_l, C).normal_(0, init_std))  # the first scale's input
@@ -436,42 +387,38 @@ class VAR(nn.Module):
         self.register_buffer("attn_bias_for_masking", torch.where(
             lvl_L.view(-1, 1) >= lvl_L.view(1, -1), 0.0, -torch.inf).view(1, 1, self.L, self.L))
 
-    def logits(self, h_BLC, cond_BC):
-        return self.head(self.head_nm(h_BLC.float(), cond_BC).float()).float()
+    def token_inputs(self, cond_BC, f_BxCv, start: int):
+        """The transformer's input vectors for the x tokens from index `start` on, the one place they are built: at start
+        0 the first scale's start token (class embedding cond_BC + pos_start), then word_embed of the f_hat features
+        f_BxCv (None: none), each plus its position and scale embeddings. In fp32, as the official code. (B, x, C)"""
+        with torch.autocast(self.pos_1LC.device.type, enabled=False):
+            parts = [cond_BC.unsqueeze(1) + self.pos_start] if start == 0 else []
+            if f_BxCv is not None:
+                parts.append(self.word_embed(f_BxCv.float()))
+            x_BxC = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+            B, end = x_BxC.shape[0], start + x_BxC.shape[1]
+            return x_BxC + (self.lvl_embed(self.lvl_1L[:, start:end].expand(B, -1)) + self.pos_1LC[:, start:end])
+
+    def logits(self, x, cond_BC):
+        return self.head(self.head_nm(x.float(), cond_BC).float()).float()
 
     def scale_logits(self, x_2BlC, cond_2BC, kv_caches: List[KVCache], si: int):
         """Sampling: the logits of scale si's tokens from their inputs; the coarser scales' keys and values come from
         kv_caches, and this scale's are added to them. (2B, l, V)"""
-        h_2BlC = x_2BlC
         for block, cache in zip(self.blocks, kv_caches):
             cache.start = self.scale_ends[si - 1] if si else 0
-            h_2BlC = block(h_2BlC, cond_2BC, None, cache)
-        return self.logits(h_2BlC, cond_2BC)
+            x_2BlC = block(x_2BlC, cond_2BC, None, cache)
+        return self.logits(x_2BlC, cond_2BC)
 
-    def forward(self, label_B, x_BMCv):
-        """Teacher-forced logits of all L tokens. x_BMCv: (B, M, Cvae) from tokens_to_var_input. -> (B, L, V)
+    def forward(self, label_B, f_BMCv):
+        """Teacher-forced logits of all L tokens. f_BMCv: (B, M, Cv) from tokens_to_var_input. -> (B, L, V)
         Unlike the official forward, no label is dropped to the null class here: dropout belongs to pretraining."""
-        B = label_B.shape[0]
         with torch.autocast(label_B.device.type, enabled=False):  # embeddings in fp32, as in the sampler
             cond_BC = self.class_emb(label_B)
-            sos_BlC = cond_BC.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, -1, -1)
-            x_BLC = torch.cat((sos_BlC, self.word_embed(x_BMCv.float())), dim=1)
-            x_BLC = x_BLC + (self.lvl_embed(self.lvl_1L.expand(B, -1)) + self.pos_1LC)
+        x_BLC = self.token_inputs(cond_BC, f_BMCv, 0)
         for block in self.blocks:
             x_BLC = block(x_BLC, cond_BC, self.attn_bias_for_masking)
         return self.logits(x_BLC, cond_BC)
-
-
-def build_var(arch: dict, depth: int) -> VAR:
-    """VAR of the official shape at this depth: width 64*depth, one head per 64 channels."""
-    keys = ("vocab_size", "z_channels", "patch_nums", "num_classes", "norm_eps", "mlp_ratio")
-    return VAR(depth=depth, embed_dim=64 * depth, num_heads=depth, **{k: arch[k] for k in keys})
-
-
-def build_vae(arch: dict) -> VQVAE:
-    keys = ("vocab_size", "z_channels", "ch", "patch_nums", "quant_resi", "share_quant_resi")
-    cnn = ("ch_mult", "num_res_blocks", "norm_groups")  # the official VQVAE's unless the arch says otherwise
-    return VQVAE(**{k: arch[k] for k in keys}, **{k: arch[k] for k in cnn if k in arch})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -485,27 +432,29 @@ def cfg_ramp(cfg: float, num_scales: int) -> List[float]:
     return [cfg * si / (num_scales - 1) for si in range(num_scales)]
 
 
-def filter_top_k_top_p(logits_BlV, top_k: int = 0, top_p: float = 0.0):
-    """Set to -inf every logit outside the top-k, and outside the smallest set holding top_p of the probability.
-    Same rule as the official sample_with_top_k_top_p_, not in place."""
-    if 0 < top_k < logits_BlV.shape[-1]:  # top-k >= V keeps every token
-        kth_BlV = logits_BlV.topk(top_k, dim=-1, sorted=False)[0].amin(dim=-1, keepdim=True)
-        logits_BlV = logits_BlV.masked_fill(logits_BlV < kth_BlV, -torch.inf)
-    if top_p > 0:
-        sorted_BlV, order_BlV = logits_BlV.sort(dim=-1)
-        drop_sorted = sorted_BlV.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
-        drop_sorted[..., -1:] = False  # always keep the most likely token
-        logits_BlV = logits_BlV.masked_fill(drop_sorted.scatter(-1, order_BlV, drop_sorted), -torch.inf)
-    return logits_BlV
+def guidance_per_token(var: VAR, cfg: float):
+    """s_k of each token's scale, as a column to multiply logits by. (L, 1), float64: see guide"""
+    ramp = torch.tensor(cfg_ramp(cfg, len(var.patch_nums)), dtype=torch.float64, device=var.lvl_1L.device)
+    return ramp[var.lvl_1L[0]].unsqueeze(-1)
 
 
-DECODE_BATCH = 8  # images per decoder pass; measured at 256 px on an H200: 32 at once took 3.7 GB more, 14% less time
+def guide(logits_2BxV, s_x1, temperature: float):
+    """Step 3's distribution, as logits, for x tokens: z = ((1 + s) z(c) - s z(null)) / temperature, from the logits of
+    both CFG branches (the B rows of the classes first, then the B of the null class; s_x1 None: the B rows of the
+    classes alone, unguided). Both the sampler and the teacher-forced pass (token_logprobs) call it. s_x1: (x, 1) in
+    float64, rounded to fp32 as the official code's Python floats are, so that both agree bit for bit. (B, x, V)"""
+    if s_x1 is None:
+        z_BxV = logits_2BxV
+    else:
+        B = len(logits_2BxV) // 2
+        z_BxV = (1 + s_x1).float() * logits_2BxV[:B] - s_x1.float() * logits_2BxV[B:]
+    return z_BxV if temperature == 1.0 else z_BxV / temperature
 
 
 def seed_of(*key) -> int:
     """The seed of one random draw, named by its key, e.g. (seed, "rollout", step, image index). Each draw has its own
-    generator, so what it draws depends on its key alone: not on the draws before it, the batch it is in, or how many
-    processes share the work (appendix H), and a resumed run needs no saved generator state."""
+    generator, so what it draws depends on its key alone: not on the draws before it or the batch it is in (appendix
+    H splits a batch over processes), and a resumed run needs no saved generator state."""
     return int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") >> 1  # 63 bits
 
 
@@ -519,11 +468,14 @@ def image_seeds(n: int, *key) -> List[int]:
     return [seed_of(*key, i) for i in range(n)]
 
 
+DECODE_BATCH = 8  # images per decoder pass: its full-resolution activations dominate the sampler's memory
+
+
 @dataclass
 class Sample:
-    tokens: List[torch.Tensor]          # K token maps (B, pn*pn), coarse to fine
-    image: torch.Tensor                 # (B, 3, H, W) in [0, 1]
-    logprob: Optional[torch.Tensor]     # (B, L): log-prob of each sampled token under the distribution it was drawn from
+    tokens: List[torch.Tensor]           # K token maps (B, pn*pn), coarse to fine
+    image: torch.Tensor                  # (B, 3, H, W) in [0, 1]
+    logp_BL: Optional[torch.Tensor]      # log-prob of each drawn token under the distribution it was drawn from
 
 
 @torch.no_grad()
@@ -536,64 +488,62 @@ def sample(var: VAR, vae: VQVAE, label_B, seed_B, cfg: float = 1.5, temperature:
     if len(gens) != B:
         raise ValueError(f"sample: {len(gens)} seeds for {B} images")
     quant, K = vae.quantize, len(var.patch_nums)
-    ramp = cfg_ramp(cfg, K)
+    s_L1 = guidance_per_token(var, cfg)
     cond_2BC = var.class_emb(torch.cat((label_B, torch.full_like(label_B, var.num_classes))))
-    lvl_pos_1LC = var.lvl_embed(var.lvl_1L) + var.pos_1LC
-    x_2BlC = cond_2BC.unsqueeze(1) + var.pos_start + lvl_pos_1LC[:, :var.first_l]
-    f_hat_BChw = torch.zeros(B, quant.embedding.embedding_dim, var.patch_nums[-1], var.patch_nums[-1], device=device)
+    x_2BlC = var.token_inputs(cond_2BC, None, 0)  # the first scale: the class alone
+    f_hat_BCvhw = torch.zeros(B, quant.embedding.embedding_dim, var.patch_nums[-1], var.patch_nums[-1], device=device)
     kv_caches = [KVCache(var.L) for _ in var.blocks]
     tokens, logprobs = [], []
     for si, pn in enumerate(var.patch_nums):
+        start = var.scale_ends[si - 1] if si else 0
         with autocast(device):
             logits_2BlV = var.scale_logits(x_2BlC, cond_2BC, kv_caches, si)
-        s = ramp[si]
-        logits_BlV = (1 + s) * logits_2BlV[:B] - s * logits_2BlV[B:]
-        if temperature != 1.0:
-            logits_BlV = logits_BlV / temperature
-        logits_BlV = filter_top_k_top_p(logits_BlV, top_k, top_p)
+        logits_BlV = filter_top_k_top_p(guide(logits_2BlV, s_L1[start:var.scale_ends[si]], temperature), top_k, top_p)
         probs_BlV = logits_BlV.softmax(dim=-1)
         idx_Bl = torch.stack([torch.multinomial(probs_lV, 1, generator=g)[:, 0] for probs_lV, g in zip(probs_BlV, gens)])
         if return_logprobs:
             logprobs.append(logits_BlV.log_softmax(dim=-1).gather(-1, idx_Bl.unsqueeze(-1)).squeeze(-1))
         tokens.append(idx_Bl)
-        quant.add_scale(f_hat_BChw, si, idx_Bl)
-        if si < K - 1:
-            end = var.scale_ends[si]
-            x_BlC = var.word_embed(quant.next_scale_input(f_hat_BChw, si)) + lvl_pos_1LC[:, end:end + var.patch_nums[si + 1] ** 2]
-            x_2BlC = x_BlC.repeat(2, 1, 1)
+        quant.add_scale(f_hat_BCvhw, si, idx_Bl)
+        if si < K - 1:  # the next scale's input: f_hat so far at its resolution, the same for both CFG halves
+            x_2BlC = var.token_inputs(None, quant.next_scale_input(f_hat_BCvhw, si), var.scale_ends[si]).repeat(2, 1, 1)
     with autocast(device):  # a few images at a time: the decoder's full-resolution activations dominate memory
-        image = torch.cat([vae.fhat_to_img(f).float() for f in f_hat_BChw.split(DECODE_BATCH)]).add_(1).mul_(0.5)
+        image = torch.cat([vae.fhat_to_img(f).float() for f in f_hat_BCvhw.split(DECODE_BATCH)]).add_(1).mul_(0.5)
     return Sample(tokens, image, torch.cat(logprobs, dim=1) if return_logprobs else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Rewards, step 5. A reward maps a batch of images in [0, 1] to one number per image. The text prompt enters the
 # method only here: VAR stays a class-conditional model and learns to make its classes look like the prompt.
-#   clip       cos(E_img(x), E_txt(prompt)), the raw cosine in [-1, 1] (no x100 "CLIP score" scaling).
-#              OpenAI CLIP ViT-L/14 (Radford et al. 2021) via open_clip (weights: timm/vit_large_patch14_clip_224.openai).
-#   aesthetic  LAION "improved aesthetic predictor" (christophschuhmann/improved-aesthetic-predictor, Apache-2.0):
-#              an MLP on the L2-normalised ViT-L/14 image embedding, about 1 (ugly) to 10 (beautiful).
-#   redness, area  the toy world's pixel statistics (appendix C): how red the shape is, how much of the image it covers.
-# In the toy world (--tiny) clip and aesthetic are small models trained on toy images (notebooks/toy_world.py): an
-# open_clip CLIP and an AestheticHead on its 64-d embeddings that rates large, centred shapes highly. Both learned
-# rewards read the same image embedding, so CLIP runs once per image. Default weights clip=1, aesthetic=0.05: over
-# LAION's rated images the aesthetic score spans ~4 points (testdata/aesthetic: 1.66 for rating 0 to 5.75 for
-# rating 9), the CLIP cosine of ViT-L/14 to a style prompt a few tenths, so at 0.05 a full aesthetic point is worth
-# a CLIP gain of 0.05: the prompt leads, aesthetics keep images clean.
+#   clip       cos(E_img(x), E_txt(prompt)), the raw cosine in [-1, 1], of OpenAI CLIP ViT-L/14 (Radford et al. 2021).
+#   aesthetic  the LAION "improved aesthetic predictor": an MLP on the same, L2-normalised image embedding, ~1 to 10.
+#   redness, area  the toy world's pixel statistics: how red the shape is, how much of the image it covers.
+# Default weights clip=1, aesthetic=0.05: over LAION's rated images the aesthetic score spans ~4 points (1.66 for
+# rating 0 to 5.75 for rating 9), a CLIP cosine to a style prompt a few tenths, so the prompt leads and aesthetics
+# keep the images clean. In the toy world both learned rewards are small models trained on toy images.
 # ----------------------------------------------------------------------------------------------------------
 
 REWARD_NAMES = ("clip", "aesthetic", "redness", "area")
 
 
-class AestheticHead(nn.Module):
-    """The LAION predictor's MLP (keys layers.{0,2,4,6,7}); dropout is inactive at inference and kept for the keys."""
-    def __init__(self, dim: int = 768):
-        super().__init__()
-        self.layers = nn.Sequential(nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-                                    nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+def shape_mask(images_B3HW):
+    """The toy world's silhouette: 1 where a pixel differs from the background by >= 0.25 in some channel, 0 below
+    0.1, linear in between (a soft edge for antialiased borders). The background colour is the per-channel median of
+    the border pixels (toy images have a plain background and a shape that never touches the border). (B, 1, H, W)"""
+    x = images_B3HW.float()
+    border = torch.cat((x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]), dim=-1)  # (B, 3, border pixels)
+    background_B311 = border.median(dim=-1).values[..., None, None]
+    distance_B1HW = (x - background_B311).abs().amax(dim=1, keepdim=True)
+    return ((distance_B1HW - 0.1) / 0.15).clamp(0, 1)
 
-    def forward(self, emb_BD):
-        return self.layers(F.normalize(emb_BD.float(), dim=-1)).squeeze(-1)
+
+def shape_redness(images_B3HW):
+    """Mean of R - (G + B)/2 over the shape's pixels (weighted by shape_mask): +1 for pure red (1, 0, 0), -1 for pure
+    cyan (0, 1, 1), 0 for any grey. (B,)"""
+    mask_B1HW = shape_mask(images_B3HW)
+    red, green, blue = images_B3HW.float().unbind(1)
+    red_B1HW = (red - (green + blue) / 2).unsqueeze(1)
+    return (mask_B1HW * red_B1HW).sum((1, 2, 3)) / mask_B1HW.sum((1, 2, 3)).clamp_min(1.0)
 
 
 class Reward(nn.Module):
@@ -628,25 +578,10 @@ class Reward(nn.Module):
         return total_B, parts, features_BD
 
 
-def build_reward(args: Config, device: torch.device, random_weights: bool = False) -> Reward:
-    """The reward of --reward. CLIP and the aesthetic head are loaded in appendix A: the real weights, the toy world's
-    under --tiny, or (random_weights: --bench, no download) the --clip-model architecture, untrained."""
-    weights = parse_reward_spec(args.reward)
-    clip_model = text_emb_D = aesthetic = None
-    if "clip" in weights or "aesthetic" in weights:
-        clip_model, tokenizer = load_clip_for(args, device, random_weights)
-        with torch.no_grad():
-            text_emb_D = F.normalize(clip_model.encode_text(tokenizer([args.prompt]).to(device)).float(), dim=-1)[0]
-        if "aesthetic" in weights:
-            aesthetic = load_aesthetic_for(args, text_emb_D.shape[0], device, random_weights)
-    return Reward(weights, clip_model, text_emb_D, aesthetic).to(device)
-
-
 # ----------------------------------------------------------------------------------------------------------
-# GRPO, steps 6-7: advantages within groups, and the clipped surrogate with the KL penalty per token. The policy's
-# probability of a sampled image is the product over its 680 tokens of the guided, temperature-scaled token
-# distributions the sampler drew from; token_logprobs recomputes exactly those distributions (both CFG branches,
-# same ramp) with gradients, in one teacher-forced pass.
+# GRPO, steps 6-7: advantages within groups, and the clipped surrogate with the KL penalty per token. An image's
+# probability is the product over its 680 tokens of the distributions the sampler drew from; token_logprobs
+# recomputes exactly those (both CFG branches, the same guide) with gradients, in one teacher-forced pass.
 # ----------------------------------------------------------------------------------------------------------
 
 def group_advantages(reward_B, group_size: int, eps: float, norm: str = "group"):
@@ -661,20 +596,21 @@ def group_advantages(reward_B, group_size: int, eps: float, norm: str = "group")
     return torch.where(std > 0, diff_PG / (std + eps), 0.0).view(-1)  # explicit 0, also when eps = 0
 
 
-def grpo_loss(logp_BL, old_logp_BL, adv_B, ref_logp_BL: Optional[torch.Tensor], clip_eps: float, beta: float,
+def grpo_loss(logp_BL, logp_old_BL, adv_B, logp_ref_BL: Optional[torch.Tensor], clip_eps: float, beta: float,
               weight_L: Optional[torch.Tensor] = None):
     """J: GRPO's clipped surrogate plus beta * k3 KL, per token; averaged over an image's tokens with weights w_t =
     weight_L (summing to 1; None: the plain mean), then over images. Returns J and a dict of diagnostics (floats):
     kl_ref, the k3 KL to pi_ref (the penalty's), and kl_old, the k3 KL between pi_old and pi_theta (how far the
-    updates moved the policy since sampling), both averaged as J is; ratio_mean and clip_frac over all tokens."""
-    log_ratio_BL = logp_BL - old_logp_BL
+    updates moved the policy since sampling), both averaged as J is; over all tokens, ratio_mean and clip_frac, and
+    the largest and the mean |log rho| (log_ratio_max, log_ratio_mean)."""
+    log_ratio_BL = logp_BL - logp_old_BL
     ratio_BL = log_ratio_BL.exp()
     adv_B1 = adv_B.unsqueeze(1)
     surrogate_BL = -torch.min(ratio_BL * adv_B1, ratio_BL.clamp(1 - clip_eps, 1 + clip_eps) * adv_B1)
     per_token_BL = surrogate_BL
     kl_BL = torch.zeros_like(logp_BL)
     if beta > 0:
-        q_BL = ref_logp_BL - logp_BL
+        q_BL = logp_ref_BL - logp_BL
         kl_BL = q_BL.exp() - q_BL - 1  # k3: unbiased, always >= 0 (Schulman 2020)
         per_token_BL = per_token_BL + beta * kl_BL
     average = (lambda x_BL: x_BL.mean(1).mean(0)) if weight_L is None else (lambda x_BL: (x_BL * weight_L).sum(1).mean(0))
@@ -682,31 +618,24 @@ def grpo_loss(logp_BL, old_logp_BL, adv_B, ref_logp_BL: Optional[torch.Tensor], 
     with torch.no_grad():
         stats = dict(kl_ref=average(kl_BL).item(), kl_old=average((ratio_BL - 1) - log_ratio_BL).item(),
                      ratio_mean=ratio_BL.mean().item(), clip_frac=((ratio_BL - 1).abs() > clip_eps).float().mean().item(),
-                     policy_loss=average(surrogate_BL).item(), kl_loss=beta * average(kl_BL).item())
+                     policy_loss=average(surrogate_BL).item(), kl_loss=beta * average(kl_BL).item(),
+                     log_ratio_max=log_ratio_BL.abs().max().item(), log_ratio_mean=log_ratio_BL.abs().mean().item())
     return loss, stats
 
 
 def token_logprobs(var: VAR, vae: VQVAE, label_B, tokens: List[torch.Tensor], cfg: float, temperature: float,
-                   entropy: bool = False, forward=None):
+                   entropy: bool = False):
     """log pi(a_t | a_<t, c) of every token of the given pyramids, under the guided distribution of `sample`. (B, L)
-    With entropy=True also the entropy of each of those distributions, without gradient: ((B, L), (B, L)).
-    forward runs var's teacher-forced pass (default var itself; under torchrun DDP's wrapper of it)."""
-    B, device, forward = label_B.shape[0], label_B.device, forward or var
+    With entropy=True also the entropy of each of those distributions, without gradient: ((B, L), (B, L))."""
     with torch.no_grad():
-        x_BMCv = vae.quantize.tokens_to_var_input(tokens)
+        f_BMCv = vae.quantize.tokens_to_var_input(tokens)
     tokens_BL = torch.cat(tokens, dim=1)
-    with autocast(device):
+    with autocast(label_B.device):
         if cfg == 0:  # no guidance: the null-class branch would be multiplied by 0, so don't compute it
-            logits_BLV = forward(label_B, x_BMCv)
+            logits_BLV = guide(var(label_B, f_BMCv), None, temperature)
         else:
-            logits_2BLV = forward(torch.cat((label_B, torch.full_like(label_B, var.num_classes))), x_BMCv.repeat(2, 1, 1))
-            ramp = cfg_ramp(cfg, len(var.patch_nums))
-            lvl_L = var.lvl_1L[0]
-            w_cond_L1 = torch.tensor([1 + s for s in ramp], device=device)[lvl_L].unsqueeze(-1)  # same fp32 rounding
-            w_null_L1 = torch.tensor(ramp, device=device)[lvl_L].unsqueeze(-1)                   # as the sampler's
-            logits_BLV = w_cond_L1 * logits_2BLV[:B] - w_null_L1 * logits_2BLV[B:]
-    if temperature != 1.0:
-        logits_BLV = logits_BLV / temperature
+            logits_2BLV = var(torch.cat((label_B, torch.full_like(label_B, var.num_classes))), f_BMCv.repeat(2, 1, 1))
+            logits_BLV = guide(logits_2BLV, guidance_per_token(var, cfg), temperature)
     logp_BLV = logits_BLV.float().log_softmax(-1)
     logp_BL = logp_BLV.gather(-1, tokens_BL.unsqueeze(-1)).squeeze(-1)
     if not entropy:
@@ -716,186 +645,131 @@ def token_logprobs(var: VAR, vae: VQVAE, label_B, tokens: List[torch.Tensor], cf
 
 
 def scale_token_weights(var: VAR):
-    """--token-weight scale: w_t = 1/(K n_k) for a token of scale k, which has n_k tokens, so that each of the K
+    """--token-weight scale: w_t = 1/(K l_k) for a token of scale k, which has l_k tokens, so that each of the K
     scales weighs 1/K of an image's loss (the default weighs each token 1/L). Sums to 1. (L,)"""
-    n_k = torch.tensor([pn * pn for pn in var.patch_nums], device=var.lvl_1L.device)
-    return 1 / (len(var.patch_nums) * n_k[var.lvl_1L[0]].float())
+    l_k = torch.tensor([pn * pn for pn in var.patch_nums], device=var.lvl_1L.device)
+    return 1 / (len(var.patch_nums) * l_k[var.lvl_1L[0]].float())
 
 
 # ----------------------------------------------------------------------------------------------------------
-# What is trained, step 8. Full fine-tuning (default) trains every weight of VAR; pi_ref is a frozen copy of the
-# starting model. LoRA (Hu et al. 2021; --lora-rank) trains a low-rank update W_up W_down of each block's attention
-# and MLP linears instead: the base stays frozen, pi_ref is the same model with the adapters switched off (no copy
-# at all), and the adapters merge back into plain weights at the end.
+# The policy, step 8: what is trained, the reference it is held to, and the two things GRPO does with them: roll out
+# (steps 4-5: sample, record log pi_old, score; log pi_ref for the KL term) and accumulate the gradient of J (step 7).
+# Full fine-tuning (default) trains every weight of VAR, and pi_ref is a frozen copy of the starting model. With
+# --lora-rank, LoRA adapters (appendix E) are trained instead and pi_ref is the same model with the adapters off.
 # ----------------------------------------------------------------------------------------------------------
 
-class LoRALinear(nn.Module):
-    """y = x W^T + b + (x W_down^T) W_up^T: a frozen linear (W, b) plus a trained low-rank update W_up W_down, with
-    W_down: (rank, in), W_up: (out, rank). W_up starts at zero, so the adapted model starts as the base model; alpha
-    = rank (scale 1). W and b keep their keys."""
-    def __init__(self, base: nn.Linear, rank: int):
-        super().__init__()
-        self.weight, self.bias = base.weight, base.bias
-        bound = 1 / math.sqrt(base.in_features)  # W_down as nn.Linear initialises its weights, W_up = 0 (as in the paper)
-        self.lora_down = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device).uniform_(-bound, bound))
-        self.lora_up = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
-        self.adapters_on = True
-
-    def forward(self, x, bias=None):  # bias: the attention passes its q/v biases to the adapted QKVLinear
-        y = F.linear(x, self.weight, self.bias if bias is None else bias)
-        return y + F.linear(F.linear(x, self.lora_down), self.lora_up) if self.adapters_on else y
+@dataclass
+class Rollout:
+    """A step's samples and what the updates need of them, one row per image (steps 4-5)."""
+    label_B: torch.Tensor                 # (B,) each image's class: group p is images p*G .. p*G+G-1
+    tokens: List[torch.Tensor]            # K token maps (B, pn*pn), the actions
+    logp_old_BL: torch.Tensor             # (B, L) log pi_old of each drawn token
+    logp_ref_BL: Optional[torch.Tensor]   # (B, L) log pi_ref of each drawn token (None when beta = 0)
+    reward_B: torch.Tensor                # (B,) R, the weighted sum
+    parts: dict                           # each component R_j alone: name -> (B,)
+    features_BD: torch.Tensor             # (B, D) what diversity is measured on (CLIP image embeddings)
 
 
-def add_lora(var: VAR, rank: int) -> VAR:
-    """Freeze var and give the four linears of every block rank-`rank` adapters, the only trainable weights."""
-    var.requires_grad_(False)
-    for block in var.blocks:
-        for module, name in ((block.attn, "mat_qkv"), (block.attn, "proj"), (block.ffn, "fc1"), (block.ffn, "fc2")):
-            setattr(module, name, LoRALinear(getattr(module, name), rank))
-    return var
+class Policy:
+    """pi_theta, the VAR that AdamW trains (full fine-tuning, or its LoRA adapters), and pi_ref, the starting policy
+    the KL term holds it to: a frozen copy of the starting VAR, or with LoRA the same VAR with its adapters switched
+    off. With beta = 0 and full fine-tuning no reference is kept (the KL term is off)."""
+    def __init__(self, var: VAR, args: Config):
+        self.var, self.lora = var, args.lora_rank > 0
+        if self.lora:
+            add_lora(var, args.lora_rank)
+        self.ref = copy.deepcopy(var).requires_grad_(False) if args.beta > 0 and not self.lora else None
+        self.trained = [p for p in var.parameters() if p.requires_grad]
 
+    @contextmanager
+    def reference(self):
+        """pi_ref, as a VAR to run: the frozen copy, or var with its adapters off."""
+        if self.ref is None and not self.lora:
+            raise ValueError("no reference policy is kept with --beta 0 and full fine-tuning")
+        with nullcontext(self.ref) if self.ref is not None else adapters_off(self.var) as ref:
+            yield ref
 
-@contextmanager
-def adapters_off(var: VAR):
-    """var with its LoRA adapters switched off: the base model, i.e. pi_ref."""
-    adapters = [m for m in var.modules() if isinstance(m, LoRALinear)]
-    for m in adapters:
-        m.adapters_on = False
-    try:
-        yield var
-    finally:
-        for m in adapters:
-            m.adapters_on = True
+    @torch.no_grad()
+    def rollout(self, vae: VQVAE, reward_fn, label_B, seed_B, args: Config) -> Rollout:
+        """Steps 4-5 for these images: draw them from pi_old = pi_theta (image b from seed_B[b]) with each token's
+        log pi_old, score them, and compute log pi_ref of their tokens for the KL term (with --old-logprobs recompute,
+        log pi_old too, from one teacher-forced pass). The teacher-forced passes run --micro-batch images at a time."""
+        s = sample_in_chunks(self.var, vae, label_B, seed_B, args.sample_batch, args.cfg, args.temperature,
+                             return_logprobs=True)
+        reward_B, parts, features_BD = reward_fn(s.image)
 
+        def teacher_forced(model):
+            return torch.cat([token_logprobs(model, vae, label_B[i:i + args.micro_batch],
+                                             [r_Bl[i:i + args.micro_batch] for r_Bl in s.tokens], args.cfg,
+                                             args.temperature) for i in range(0, len(label_B), args.micro_batch)])
+        logp_old_BL = s.logp_BL if args.old_logprobs == "sampler" else teacher_forced(self.var)
+        logp_ref_BL = None
+        if args.beta > 0:
+            with self.reference() as ref:
+                logp_ref_BL = teacher_forced(ref)
+        return Rollout(label_B, s.tokens, logp_old_BL, logp_ref_BL, reward_B, parts, features_BD)
 
-def setup_policy(args: Config, var: VAR, device: torch.device):
-    """(pi_ref, optimizer). pi_ref() is a context in which the starting policy is at hand: var with its adapters off
-    (LoRA), a frozen copy (beta > 0), or, since the KL term then needs none, the starting weights read again from
-    disk when the end-of-run comparison asks for them (beta = 0). AdamW trains what requires a gradient."""
-    ref = None
-    if args.lora_rank > 0:
-        add_lora(var, args.lora_rank)
-        pi_ref = lambda: adapters_off(var)
-    elif args.beta > 0:
-        ref = copy.deepcopy(var).requires_grad_(False)
-        pi_ref = lambda: nullcontext(ref)
-    else:
-        pi_ref = lambda: nullcontext(load_models(args, device)[1])
-    use_the_device(args, device, var, ref)  # appendix E: bf16 frozen weights, --compile, --cuda-graphs, ...
-    trained = [p for p in var.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
-    return pi_ref, opt
+    def accumulate_gradients(self, vae: VQVAE, roll: Rollout, adv_B, idx_B, args: Config) -> List[dict]:
+        """Step 7 on the rollout's images idx_B: the gradient of J averaged over them, added to the trained weights'
+        .grad, --micro-batch images per forward and backward pass. Returns each micro-batch's statistics (grpo_loss's,
+        and the mean entropy of pi_theta's token distributions)."""
+        weight_L = scale_token_weights(self.var) if args.token_weight == "scale" else None  # None: every token 1/L
+        stats = []
+        for idx in idx_B.view(-1, min(args.micro_batch, len(idx_B))):
+            logp_BL, entropy_BL = token_logprobs(self.var, vae, roll.label_B[idx], [r_Bl[idx] for r_Bl in roll.tokens],
+                                                 args.cfg, args.temperature, entropy=True)
+            loss, loss_stats = grpo_loss(logp_BL, roll.logp_old_BL[idx], adv_B[idx],
+                                         None if roll.logp_ref_BL is None else roll.logp_ref_BL[idx],
+                                         args.clip_eps, args.beta, weight_L)
+            (loss * (len(idx) / len(idx_B))).backward()  # the mean over idx_B, whatever the micro-batch
+            stats.append(dict(loss_stats, entropy=entropy_BL.mean().item()))
+        return stats
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The training loop, steps 4-8 once per iteration: rollout, reward, advantages, updates. grpo_step is one iteration,
-# run_grpo loops. What is logged and measured (the step's record, evaluation grids, the end-of-run comparison) and
-# where it is written are built in appendices C and D.
+# train sets up and loops. What is logged and measured, where files go, resuming and stopping on a signal belong to
+# the run directory (appendix D), which hands train the steps to run and records each; appendix H splits a step's
+# work over torchrun's processes. Neither changes what a step computes.
 # ----------------------------------------------------------------------------------------------------------
 
-def grpo_step(var: VAR, pi_ref, vae: VQVAE, reward_fn, opt, label_B, args: Config, step: int, clock,
-              ranks: Ranks) -> dict:
-    """One GRPO step (docstring steps 4-8) on P groups of G images, label_B = the P classes, each repeated G times.
-    Its random draws are keyed by (--seed, step). clock(phase) marks where a phase ends (appendix C times it). Lines
-    marked "torchrun" share the work among processes (appendix H, Ranks); in one process they change nothing.
-    Returns the step's log record."""
-    n_images, mb_size = len(label_B), len(label_B) // args.minibatches
-    mine = ranks.share(n_images)  # torchrun: this process's P/N whole groups; one process: all of them
-    # 4. rollout: P classes x G images from the current policy, with each token's log-prob
-    seed_B = image_seeds(n_images, args.seed, "rollout", step)
-    roll = sample_in_chunks(var, vae, label_B[mine], seed_B[mine], args.sample_batch, args.cfg, args.temperature,
-                            return_logprobs=True)
-    clock("sample")
-    # 5. reward, 6. group-relative advantages
-    reward_B, parts, features_BD = ranks.gather(reward_fn(roll.image))  # torchrun: every image's, on every process
-    adv_B = group_advantages(reward_B, args.group_size, args.adv_eps, args.adv_norm)
-    clock("reward")
-
-    # 7. log pi_ref for the KL term (and, with --old-logprobs recompute, log pi_old): once per step, no gradient
-    def logprobs_no_grad(model):
-        with torch.no_grad():
-            return torch.cat([token_logprobs(model, vae, label_B[mine][i:i + args.micro_batch],
-                                             [r_Bl[i:i + args.micro_batch] for r_Bl in roll.tokens], args.cfg,
-                                             args.temperature) for i in range(0, len(roll.image), args.micro_batch)])
-    ref_logp_BL = None
-    if args.beta > 0:
-        with pi_ref() as start:
-            ref_logp_BL = ranks.gather(logprobs_no_grad(start))
-    old_logp_BL = ranks.gather(logprobs_no_grad(var) if args.old_logprobs == "recompute" else roll.logprob)
-    sampled_logp_BL, tokens = ranks.gather((roll.logprob, roll.tokens))  # torchrun: the whole batch on every process
-    # 8. clipped policy-gradient updates over minibatches, accumulating micro-batches of --micro-batch images
-    weight_L = scale_token_weights(var) if args.token_weight == "scale" else None  # None: every token 1/L
-    trained = [p for g in opt.param_groups for p in g["params"]]
-    mb_stats, grad_norms, gaps = [], [], []  # mb_stats: one list of micro-batch stats per minibatch
+def grpo_step(policy: Policy, vae: VQVAE, reward_fn, opt, label_B, args: Config, step: int) -> dict:
+    """One GRPO step (docstring steps 4-8) on P groups of G images: label_B holds the P classes, each repeated G times.
+    Its random draws are keyed by (--seed, step). Returns the rollout, the advantages, each minibatch's micro-batch
+    statistics and gradient norm: what the step's log record is made of (appendix C)."""
+    # 4-5. rollout: P*G images from the current policy, each token's log pi_old and log pi_ref, each image's reward
+    roll = policy.rollout(vae, reward_fn, label_B, image_seeds(len(label_B), args.seed, "rollout", step), args)
+    # 6. group-relative advantages
+    adv_B = group_advantages(roll.reward_B, args.group_size, args.adv_eps, args.adv_norm)
+    # 7-8. --inner-epochs passes of clipped policy-gradient updates over --minibatches shuffled minibatches
+    stats, grad_norms = [], []  # stats: one list of micro-batch statistics per minibatch
     for epoch in range(args.inner_epochs):
-        order = torch.randperm(n_images, generator=generator(args.seed, "shuffle", step, epoch)).to(label_B.device)
-        for mb in order.view(args.minibatches, mb_size):
+        order_B = torch.randperm(len(label_B), generator=generator(args.seed, "shuffle", step, epoch)).to(label_B.device)
+        for idx_B in order_B.view(args.minibatches, -1):
             opt.zero_grad(set_to_none=True)
-            mb_stats.append([])
-            my_mb = mb[ranks.share(mb_size)]  # torchrun: this process's 1/N of the minibatch
-            micro = min(args.micro_batch, len(my_mb))
-            for j, idx in enumerate(my_mb.view(-1, micro)):
-                with ranks.accumulating(last=(j + 1) * micro == len(my_mb)):  # torchrun: all-reduce in the last backward
-                    logp_BL, entropy_BL = token_logprobs(var, vae, label_B[idx], [r_Bl[idx] for r_Bl in tokens], args.cfg,
-                                                         args.temperature, entropy=True, forward=ranks.forward(var))
-                    if len(mb_stats) == 1:  # the first minibatch, before the step's first update: sampler vs trainer
-                        gaps.append((logp_BL.detach() - sampled_logp_BL[idx]).abs())
-                    loss, stats = grpo_loss(logp_BL, old_logp_BL[idx], adv_B[idx], None if ref_logp_BL is None else
-                                            ref_logp_BL[idx], args.clip_eps, args.beta, weight_L)
-                    # the mean over this process's part of the minibatch (torchrun: DDP averages the N parts)
-                    (loss * (len(idx) / len(my_mb))).backward()
-                mb_stats[-1].append(dict(stats, entropy=entropy_BL.mean().item()))
-            grad_norms.append(torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm).item())
-            if not math.isfinite(grad_norms[-1]):  # stepping would write NaN into every weight
-                raise FloatingPointError(non_finite_advice(grad_norms[-1], mb_stats[-1], args))
+            stats.append(policy.accumulate_gradients(vae, roll, adv_B, idx_B, args))
+            # a non-finite gradient raises here, before opt.step could write NaN into every weight
+            grad_norms.append(nn.utils.clip_grad_norm_(policy.trained, args.max_grad_norm, error_if_nonfinite=True).item())
             opt.step()
-    clock("update")
-    mb_stats, gap_BL = ranks.gather_stats(mb_stats), ranks.gather(torch.cat(gaps))  # torchrun: every process's
-    return step_record(reward_B, parts, adv_B, mb_stats, grad_norms, gap_BL, features_BD, args, clock)
+    return dict(rollout=roll, adv_B=adv_B, stats=stats, grad_norms=grad_norms)
 
 
-def run_grpo(args: Config, device: torch.device, out: Path, ck: Optional[dict], ranks: Ranks) -> dict:
-    """Set up, then steps 4-8 once per iteration: each step logged, evaluated and saved as --eval-every and
-    --save-every say; at the end the starting and the final policy are compared on fresh samples (summary.json).
-    torchrun: every process trains; only the first (ranks.main) evaluates, logs and writes files."""
-    torch.manual_seed(args.seed)
-    vae, var = load_models(args, device)
-    reward_fn = build_reward(args, device)
-    pi_ref, opt = setup_policy(args, var, device)
-    ranks.wrap(var)  # torchrun: DDP, which averages the gradients of the trained weights over the processes
-    pool, heldout = class_pools(args, var.num_classes)  # heldout: never drawn for training, measured apart at the end
-    start, records = start_or_resume(args, out, ck, var, opt, write_files=ranks.main)
-    evaluate = Evaluation(vae, reward_fn, args, pool, device, out)
-    if start == 0 and ranks.main:
-        print(f"step 0 evaluation reward {evaluate(var, 0):.4f}")
-    stopping = False
-    with signals_stop_after_the_step() as stop, failures_keep_checkpoints(out):
-        for step in progress_bar(start, args.steps, ranks.main):
+def train(args: RunConfig) -> dict:
+    """GRPO as the settings say, from Python as from the command line: the pretrained models (steps 1-3), the reward
+    (step 5), the policy (step 8), then steps 4-8 once per step. Returns {"out", "records", "var", "summary"}."""
+    with Run(args) as run:  # appendix D: every setting checked, --out taken for this run, the checkpoint opened
+        torch.manual_seed(args.seed)  # what draws from torch's global generator: LoRA's W_down
+        vae, var = load_models(args, run.device)
+        reward_fn = build_reward(args, run.device)
+        policy = Policy(var, args)
+        opt = torch.optim.AdamW(policy.trained, lr=args.lora_lr if policy.lora else args.lr,
+                                weight_decay=args.weight_decay, fused=run.device.type == "cuda")
+        pool, heldout = class_pools(args, var.num_classes)  # heldout: never drawn for training, measured apart at the end
+        for step in run.steps(policy, vae, reward_fn, opt, pool):  # from 0, or where --resume continues; a signal ends it
             label_P = pool[torch.randint(len(pool), (args.classes_per_step,), generator=generator(args.seed, "classes", step))]
-            label_B = label_P.repeat_interleave(args.group_size).to(device)  # group p: images p*G .. p*G+G-1
-            rec = dict(step=step, **grpo_step(var, pi_ref, vae, reward_fn, opt, label_B, args, step, PhaseClock(device),
-                                              ranks))
-            done = step + 1
-            stopping = ranks.any(bool(stop))  # torchrun: a signal to any process stops them all after this step
-            if ranks.main:  # torchrun: only the first process evaluates and writes
-                if done % args.eval_every == 0 or done == args.steps:  # after this step's update: the policy of step `done`
-                    rec["eval_reward"] = evaluate(var, done)
-                records.append(rec)
-                log_step(records, out / "metrics.jsonl", args)
-                if done % args.save_every == 0 or done == args.steps or stopping:
-                    save_checkpoint(out / "checkpoint.pt", done, var, opt, args)
-            if stopping:
-                break
-    if not ranks.main:
-        return dict(out=out, records=[], var=var, summary=None)
-    summary = None
-    if stopping:
-        print(f"stopped by {stop[0] if stop else 'a signal to another process'} after step {done}, checkpoint saved: "
-              f"continue with the same command and --resume")
-    elif records and args.summary_samples > 0:
-        summary = compare_policies(var, pi_ref, vae, reward_fn, load_judge(args, device, reward_fn), pool, heldout, args, device)
-    write_final_outputs(out, args, records, summary, var)
-    return dict(out=out, records=records, var=var, summary=summary)
+            label_B = label_P.repeat_interleave(args.group_size).to(run.device)  # group p: images p*G .. p*G+G-1
+            run.record(step, grpo_step(policy, vae, reward_fn, opt, label_B, args, step))  # logs, evaluates, saves
+        return run.finish(policy, vae, reward_fn, pool, heldout)  # summary.json: fresh samples, start against end
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -903,16 +777,11 @@ def run_grpo(args: Config, device: torch.device, out: Path, ck: Optional[dict], 
 # ----------------------------------------------------------------------------------------------------------
 
 def main(argv: Optional[List[str]] = None):
+    """The command line: the settings from the flags (appendix B), then train, or with --bench time whole steps
+    (appendix F). An error ends in one message that says what to do (appendix D), never a traceback."""
     args = parse_config(argv)
-    try:
+    with errors_as_messages(args):
         return benchmark(args) if args.bench else train(args)
-    except (ValueError, OSError, WeightsError, FloatingPointError, MemoryError) as e:  # OSError: a file could not be written
-        raise SystemExit(f"error{which_process()}: {e}") from None
-    except KeyboardInterrupt:  # before training started, or a second Ctrl-C during it
-        if not args.bench:
-            print(f"\nstopped at once by Ctrl-C; checkpoints already in {out_dir(args)} are kept (--resume continues "
-                  f"from the last one)", file=sys.stderr)
-        raise SystemExit(130) from None
 
 
 # ==========================================================================================================
@@ -922,6 +791,26 @@ def main(argv: Optional[List[str]] = None):
 #   D. the run directory and its files      E. speed and memory on a GPU     F. the benchmark (--bench)
 #   G. the VQGAN encoder and decoder CNN of the tokenizer      H. more than one GPU (torchrun)
 # ==========================================================================================================
+
+# The appendix's own imports: the method above needs only torch and numpy.
+import argparse
+import ast
+import atexit
+import inspect
+import json
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+from dataclasses import fields
+from datetime import timedelta
+from pathlib import Path
+from urllib.parse import unquote
+
+import requests
+import torch.distributed as dist
 
 # ----------------------------------------------------------------------------------------------------------
 # A. Weights. The official files live on Hugging Face; we download them once with requests into a cache,
@@ -1097,6 +986,18 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
     return model.float()  # the fixtures store fp16; the official files fp32
 
 
+def build_var(arch: dict, depth: int) -> VAR:
+    """VAR of the official shape at this depth: width 64*depth, one head per 64 channels."""
+    keys = ("vocab_size", "z_channels", "patch_nums", "num_classes", "norm_eps", "mlp_ratio")
+    return VAR(depth=depth, embed_dim=64 * depth, num_heads=depth, **{k: arch[k] for k in keys})
+
+
+def build_vae(arch: dict) -> VQVAE:
+    keys = ("vocab_size", "z_channels", "ch", "patch_nums", "quant_resi", "share_quant_resi")
+    cnn = ("ch_mult", "num_res_blocks", "norm_groups")  # the official VQVAE's unless the arch says otherwise
+    return VQVAE(**{k: arch[k] for k in keys}, **{k: arch[k] for k in cnn if k in arch})
+
+
 def load_models(args: Config, device: torch.device):
     """(vae, var): the official weights for --depth, or the pretrained toy world's for --tiny."""
     files = base_weight_files(args)
@@ -1178,7 +1079,6 @@ def load_clip(name: str, pretrained: Optional[str]):
                            f"{str(e)[:300]}).{restore}") from None
 
 
-
 def clip_weights(args: Config) -> str:
     """What open_clip's `pretrained` gets: --clip-ckpt (a file or a tag), else the OpenAI ViT-L/14 from the cache."""
     if args.clip_ckpt:
@@ -1213,7 +1113,6 @@ def register_toy_clip() -> str:
     return TOY_CLIP
 
 
-
 def load_clip_for(args: Config, device: torch.device, random_weights: bool = False):
     """(CLIP model, its tokenizer) for the reward: the toy world's under --tiny, else --clip-model with the OpenAI
     ViT-L/14 weights (or --clip-ckpt); random_weights: untrained (--bench). Warns if CLIP would cut the prompt."""
@@ -1232,6 +1131,17 @@ def load_clip_for(args: Config, device: torch.device, random_weights: bool = Fal
     return clip_model, tokenizer
 
 
+class AestheticHead(nn.Module):
+    """The LAION predictor's MLP (keys layers.{0,2,4,6,7}); dropout is inactive at inference and kept for the keys."""
+    def __init__(self, dim: int = 768):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+                                    nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+
+    def forward(self, emb_BD):
+        return self.layers(F.normalize(emb_BD.float(), dim=-1)).squeeze(-1)
+
+
 def load_aesthetic_for(args: Config, dim: int, device: torch.device, random_weights: bool = False) -> AestheticHead:
     """The aesthetic head on dim-d CLIP embeddings: the toy world's (--tiny), the LAION head (768-d ViT-L/14 only), or
     an untrained one (random_weights)."""
@@ -1247,6 +1157,20 @@ def load_aesthetic_for(args: Config, dim: int, device: torch.device, random_weig
             aesthetic = AestheticHead()
         aesthetic = load_weights(aesthetic, weight_path(args.aesthetic_ckpt, AESTHETIC_URL, args))
     return aesthetic.to(device).eval().requires_grad_(False)
+
+
+def build_reward(args: Config, device: torch.device, random_weights: bool = False) -> Reward:
+    """The reward of --reward. CLIP and the aesthetic head are loaded in appendix A: the real weights, the toy world's
+    under --tiny, or (random_weights: --bench, no download) the --clip-model architecture, untrained."""
+    weights = parse_reward_spec(args.reward)
+    clip_model = text_emb_D = aesthetic = None
+    if "clip" in weights or "aesthetic" in weights:
+        clip_model, tokenizer = load_clip_for(args, device, random_weights)
+        with torch.no_grad():
+            text_emb_D = F.normalize(clip_model.encode_text(tokenizer([args.prompt]).to(device)).float(), dim=-1)[0]
+        if "aesthetic" in weights:
+            aesthetic = load_aesthetic_for(args, text_emb_D.shape[0], device, random_weights)
+    return Reward(weights, clip_model, text_emb_D, aesthetic).to(device)
 
 
 def clip_preprocess(images_B3HW, size: int, mean, std):
@@ -1309,6 +1233,8 @@ class RunConfig(Config):
     """top-p for evaluation images only (0: off)"""
     summary_samples: int = 256
     """at the end, fresh samples of the starting and the final policy (same classes and seeds) scored into summary.json"""
+    heldout_classes: str = "auto"
+    """classes never trained on, measured apart in summary.json: ids, none, or auto (a tenth of a pool of >= 100)"""
     micro_batch: int = 8
     """images per forward/backward pass; gradients accumulate over a minibatch (lower it to save memory)"""
     sample_batch: int = 0
@@ -1354,12 +1280,7 @@ def parse_config(argv: Optional[List[str]] = None) -> RunConfig:
             parser.add_argument(flag, type=type(f.default), default=f.default, help=helps[f.name])
     if parser.parse_args(argv).tiny:
         parser.set_defaults(**TINY_DEFAULTS)
-    return with_default_lr(RunConfig(**vars(parser.parse_args(argv))))
-
-
-def with_default_lr(args: RunConfig) -> RunConfig:
-    """args, with --lr 0 replaced by DEFAULT_LR for what is trained (full weights or LoRA adapters, toy or real)."""
-    return args if args.lr != 0 else replace(args, lr=DEFAULT_LR[(args.tiny, args.lora_rank > 0)])
+    return RunConfig(**vars(parser.parse_args(argv)))
 
 
 def parse_reward_spec(spec: str) -> dict:
@@ -1464,8 +1385,15 @@ def check_config(args: Config):
                         ("--lora-rank", args.lora_rank), ("--eval-top-k", args.eval_top_k), ("--beta", args.beta),
                         ("--cfg", args.cfg), ("--adv-eps", args.adv_eps), ("--weight-decay", args.weight_decay)):
         need(value >= 0, f"{flag} {value}: must be >= 0")
-    need(0 <= args.lr <= 1, f"--lr {args.lr}: must be in [0, 1] (0: the default); AdamW moves each weight by about lr a step, so above 1 "
-                          f"the first update wrecks the model (1e-5 for full fine-tuning, ~1e-4 with LoRA)")
+    for flag, value in (("--lr", args.lr), ("--lora-lr", args.lora_lr)):
+        need(0 < value <= 1, f"{flag} {value}: must be in (0, 1]; AdamW moves each weight by about lr a step, so above 1 "
+                             f"the first update wrecks the model (--lr 1e-5 for full fine-tuning, --lora-lr 1e-4 with LoRA)")
+    if args.lora_rank > 0:  # a learning rate that the run would not use is a mistake, not a setting
+        need(args.lr in (Config.lr, TINY_DEFAULTS["lr"]), f"--lr {args.lr} is full fine-tuning's: LoRA adapters train at "
+                                                          f"--lora-lr (now {args.lora_lr}); set that instead")
+    else:
+        need(args.lora_lr in (Config.lora_lr, TINY_DEFAULTS["lora_lr"]), f"--lora-lr {args.lora_lr} is LoRA's: without "
+             f"--lora-rank every weight trains at --lr (now {args.lr}); set that instead")
     need(args.temperature > 0, f"--temperature {args.temperature}: must be > 0 (1: the model's own distribution)")
     need(0 < args.clip_eps <= 1, f"--clip-eps {args.clip_eps}: must be in (0, 1] (0.2 is usual)")
     need(args.max_grad_norm > 0, f"--max-grad-norm {args.max_grad_norm}: must be > 0")
@@ -1535,47 +1463,78 @@ def check_writable(path: Path, what: str):
                          f"choose a directory you can write to") from None
 
 
-
 # ----------------------------------------------------------------------------------------------------------
-# C. Measuring a run: each step's log record and its timing, the evaluation grids, the end-of-run comparison of the
-# starting and the final policy (summary.json), and the toy world's measures from pixels (its pixel rewards, the
-# colour of a shape, the judge of its class), which no reward model can fool.
+# C. Measuring a run: each step's log record, its timing and a check for non-finite losses (installed into the policy
+# by watch), the evaluation grids, the end-of-run comparison of the starting and the final policy (summary.json), and
+# the toy world's measures from pixels (the colour of a shape, the judge of its class), which no reward model can fool.
 # ----------------------------------------------------------------------------------------------------------
 
 class PhaseClock:
-    """grpo_step's clock: clock(phase) waits for the GPU, then records the seconds and the peak GPU memory of the phase
-    that just ended (each phase measured on its own). Made just before the step: what ran before is not the step's."""
+    """The seconds and the peak GPU memory of a step's phases. start() begins a step; clock(phase) marks where a phase
+    ends, after waiting for the GPU, and adds the time since the last mark to that phase (a phase may come in pieces);
+    stop() ends the step, after which marks (an evaluation's reward) are ignored. Each piece's peak memory is its own."""
     def __init__(self, device: torch.device):
-        self.device, self.seconds, self.peak_gb = device, {}, {}
-        self.last = self.restart()
+        self.device, self.last, self.seconds, self.peak_gb = device, None, {}, {}
 
-    def restart(self) -> float:
+    def now(self) -> float:
         """Wait for the GPU, forget its peak memory so far; the time now."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         return time.perf_counter()
 
+    def start(self):
+        self.seconds, self.peak_gb, self.last = {}, {}, self.now()
+
+    def stop(self):
+        self.last = None
+
     def __call__(self, phase: str):
+        if self.last is None:
+            return
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # before reading the peak: the phase's kernels have all run
-            self.peak_gb[phase] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        now = self.restart()
-        self.seconds[phase], self.last = now - self.last, now
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+            self.peak_gb[phase] = max(peak, self.peak_gb.get(phase, 0.0))
+        now = self.now()
+        self.seconds[phase], self.last = self.seconds.get(phase, 0.0) + now - self.last, now
 
 
-def step_record(reward_B, parts: dict, adv_B, mb_stats: List[List[dict]], grad_norms: List[float], gap_BL, features_BD,
-                args: Config, clock: PhaseClock) -> dict:
-    """The step's log record, one metric a line (README: what each one tells). mb_stats holds one list of micro-batch
-    statistics per minibatch; the first minibatch comes before any update of the step."""
-    every, first = [s for stats in mb_stats for s in stats], mb_stats[0]
-    later = [s for stats in mb_stats[1:] for s in stats]
-    mean = lambda key, stats=every: float(np.mean([s[key] for s in stats])) if stats else None
+def watch(policy: Policy, reward_fn: Reward, device: torch.device, args: Config) -> PhaseClock:
+    """Install the step's measurements into what the loop calls, changing nothing it computes: a PhaseClock that times
+    the rollout (sampling and the teacher-forced log pi_ref pass), the reward within it and, by the caller, the update;
+    and a check that stops before an update whose loss is not finite (the gradient is checked by grpo_step)."""
+    clock, rollout, accumulate = PhaseClock(device), policy.rollout, policy.accumulate_gradients
+    if isinstance(reward_fn, nn.Module):  # (a plain function, as some tests pass, is timed as part of the rollout)
+        reward_fn.register_forward_pre_hook(lambda module, inputs: clock("rollout"))
+        reward_fn.register_forward_hook(lambda module, inputs, outputs: clock("reward"))
+
+    def timed_rollout(*a, **kw):
+        roll = rollout(*a, **kw)
+        clock("rollout")
+        return roll
+
+    def checked_accumulate(*a, **kw):
+        stats = accumulate(*a, **kw)
+        if not all(math.isfinite(st["kl_loss"]) and math.isfinite(st["policy_loss"]) for st in stats):
+            raise FloatingPointError(non_finite_advice(stats, args))
+        return stats
+    policy.rollout, policy.accumulate_gradients = timed_rollout, checked_accumulate
+    return clock
+
+
+def step_record(result: dict, args: Config, clock: PhaseClock) -> dict:
+    """The step's log record from what grpo_step returned, one metric a line (README: what each one tells). The first
+    minibatch comes before any update of the step: its ratio is 1 and its |log rho| the sampler-vs-trainer gap."""
+    roll, adv_B, mb_stats = result["rollout"], result["adv_B"], result["stats"]
+    every, first = [st for stats in mb_stats for st in stats], mb_stats[0]
+    later = [st for stats in mb_stats[1:] for st in stats]
+    mean = lambda key, stats=every: float(np.mean([st[key] for st in stats])) if stats else None
     seconds, peak_gb = clock.seconds, clock.peak_gb
     return dict(
-        reward_mean=reward_B.mean().item(),
-        reward_std=reward_B.std().item(),
-        **{f"{name}_{stat}": getattr(part_B, stat)().item() for name, part_B in parts.items() for stat in ("mean", "std")},
+        reward_mean=roll.reward_B.mean().item(),
+        reward_std=roll.reward_B.std().item(),
+        **{f"{name}_{stat}": getattr(part_B, stat)().item() for name, part_B in roll.parts.items() for stat in ("mean", "std")},
         adv_abs_mean=adv_B.abs().mean().item(),
         adv_max=adv_B.max().item(),
         adv_min=adv_B.min().item(),
@@ -1590,33 +1549,33 @@ def step_record(reward_B, parts: dict, adv_B, mb_stats: List[List[dict]], grad_n
         clip_frac_first=mean("clip_frac", first),
         ratio_later=mean("ratio_mean", later),
         clip_frac_later=mean("clip_frac", later),
-        logprob_gap_max=gap_BL.max().item(),  # over the first minibatch, before the step's first update
-        logprob_gap_mean=gap_BL.mean().item(),
+        logprob_gap_max=max(st["log_ratio_max"] for st in first),
+        logprob_gap_mean=mean("log_ratio_mean", first),
         entropy=mean("entropy"),
-        grad_norm=float(np.mean(grad_norms)),
-        diversity=group_diversity(features_BD, args.group_size),
-        time_sample=seconds["sample"],
-        time_reward=seconds["reward"],
-        time_update=seconds["update"],
-        images_per_s=len(reward_B) / sum(seconds.values()),
+        grad_norm=float(np.mean(result["grad_norms"])),
+        diversity=group_diversity(roll.features_BD, args.group_size),
+        time_rollout=seconds.get("rollout", 0.0),
+        time_reward=seconds.get("reward", 0.0),
+        time_update=seconds.get("update", 0.0),
+        images_per_s=len(roll.reward_B) / sum(seconds.values()),
         peak_gpu_mem_gb=max(peak_gb.values()) if peak_gb else None,
-        **{f"peak_gpu_mem_gb_{phase}": peak_gb.get(phase) for phase in ("sample", "reward", "update")})
+        **{f"peak_gpu_mem_gb_{phase}": peak_gb.get(phase) for phase in ("rollout", "reward", "update")})
 
 
-def non_finite_advice(grad_norm: float, stats: List[dict], args: Config) -> str:
-    """Why an update's gradient is not finite, and which setting to change, judged from the loss terms."""
-    kl_bad = any(not math.isfinite(st["kl_loss"]) for st in stats)
-    surrogate_bad = any(not math.isfinite(st["policy_loss"]) for st in stats)
+def non_finite_advice(stats: Optional[List[dict]], args: Config) -> str:
+    """Why an update's loss or gradient is not finite, and which setting to change, judged from the loss terms of its
+    micro-batches (None: they were finite, the gradient was not)."""
+    kl_bad = stats is not None and any(not math.isfinite(st["kl_loss"]) for st in stats)
     if kl_bad:
         cause = (f"the KL term (beta {args.beta} x k3 KL, whose exp(log pi_ref - log pi_theta) overflowed) is not finite: "
                  f"the policy has moved too far from pi_ref. Lower --lr (now {args.lr}); a larger --beta would not help")
-    elif surrogate_bad:
+    elif stats is not None:
         cause = (f"the clipped surrogate is not finite (a non-finite advantage or log-probability): lower --lr (now "
                  f"{args.lr}), and check the reward")
     else:
         cause = (f"the loss terms are finite, so the backward pass overflowed: lower --lr (now {args.lr})"
                  + (f" or --cfg (now {args.cfg}: guidance scales the logits' gradient)" if args.cfg > 3 else ""))
-    return f"the gradient norm is {grad_norm}, so this update was not applied; {cause}"
+    return f"the {'loss' if stats is not None else 'gradient norm'} is not finite, so this update was not applied; {cause}"
 
 
 def group_diversity(features_BD, group_size: int) -> float:
@@ -1627,6 +1586,19 @@ def group_diversity(features_BD, group_size: int) -> float:
     off_diagonal = sim_PGG.sum((1, 2)) - sim_PGG.diagonal(dim1=1, dim2=2).sum(1)
     return (1 - off_diagonal / (group_size * (group_size - 1))).mean().item()
 
+
+def filter_top_k_top_p(logits_BlV, top_k: int = 0, top_p: float = 0.0):
+    """Set to -inf every logit outside the top-k, and outside the smallest set holding top_p of the probability.
+    Same rule as the official sample_with_top_k_top_p_, not in place."""
+    if 0 < top_k < logits_BlV.shape[-1]:  # top-k >= V keeps every token
+        kth_BlV = logits_BlV.topk(top_k, dim=-1, sorted=False)[0].amin(dim=-1, keepdim=True)
+        logits_BlV = logits_BlV.masked_fill(logits_BlV < kth_BlV, -torch.inf)
+    if top_p > 0:
+        sorted_BlV, order_BlV = logits_BlV.sort(dim=-1)
+        drop_sorted = sorted_BlV.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        drop_sorted[..., -1:] = False  # always keep the most likely token
+        logits_BlV = logits_BlV.masked_fill(drop_sorted.scatter(-1, order_BlV, drop_sorted), -torch.inf)
+    return logits_BlV
 
 
 class Evaluation:
@@ -1647,18 +1619,18 @@ class Evaluation:
 
 
 @torch.no_grad()
-def compare_policies(var: VAR, pi_ref, vae, reward_fn, judge, pool, heldout, args: Config, device) -> dict:
-    """Did the policy change, or did the training batches get lucky? Fresh samples of the starting policy (pi_ref)
+def compare_policies(policy: Policy, vae, reward_fn, judge, pool, heldout, args: Config, device) -> dict:
+    """Did the policy change, or did the training batches get lucky? Fresh samples of the starting policy
     and of the final one, with the same classes and seeds, drawn as in training (guidance, temperature, no top-k):
     their mean reward with the standard error of the difference (unpaired, and paired by class and seed), each reward
     component alone, their diversity (mean pairwise distance of the reward features between samples of one class),
     and the judge's class accuracy with its standard error; in the toy world also the share of each colour, and of
     the colour the prompt names, measured from pixels. The classes never drawn for training (heldout) are measured
     the same way, apart. Every number is finite or null (summary.json is strict JSON)."""
-    result = measure_policies(var, pi_ref, vae, reward_fn, judge, spread_classes(pool, args.summary_samples, args.seed),
+    result = measure_policies(policy, vae, reward_fn, judge, spread_classes(pool, args.summary_samples, args.seed),
                               args, device, "training classes")
     if len(heldout):
-        result["heldout"] = measure_policies(var, pi_ref, vae, reward_fn, judge,
+        result["heldout"] = measure_policies(policy, vae, reward_fn, judge,
                                              spread_classes(heldout, args.summary_samples, args.seed), args, device,
                                              f"{len(heldout)} held-out classes")
         result["heldout"]["classes"] = heldout.tolist()
@@ -1667,16 +1639,27 @@ def compare_policies(var: VAR, pi_ref, vae, reward_fn, judge, pool, heldout, arg
     return result
 
 
-def measure_policies(var: VAR, pi_ref, vae, reward_fn, judge, labels, args: Config, device, what: str) -> dict:
+@contextmanager
+def starting_policy(policy: Policy, args: Config, device: torch.device):
+    """The VAR training started from: pi_ref, or where none is kept (--beta 0, full fine-tuning) the starting weights
+    read again from disk."""
+    if policy.ref is None and not policy.lora:
+        yield load_models(args, device)[1]
+    else:
+        with policy.reference() as ref:
+            yield ref
+
+
+def measure_policies(policy: Policy, vae, reward_fn, judge, labels, args: Config, device, what: str) -> dict:
     """compare_policies for one set of labels (the training classes, or the held-out ones), printed as `what`."""
     n, chunk = len(labels), args.sample_batch or args.classes_per_step * args.group_size  # known to fit
     labels, seeds = labels.to(device), image_seeds(len(labels), args.seed, "summary")
     result, drawn = {}, {}  # drawn: per policy, the total reward and each component of every sample
     for name in ("start", "end"):
-        with pi_ref() if name == "start" else nullcontext(var) as policy:
+        with starting_policy(policy, args, device) if name == "start" else nullcontext(policy.var) as model:
             rewards, parts, features, hits, colours = [], [], [], [], []
             for i in range(0, n, chunk):
-                images = sample(policy, vae, labels[i:i + chunk], seeds[i:i + chunk], args.cfg, args.temperature).image
+                images = sample(model, vae, labels[i:i + chunk], seeds[i:i + chunk], args.cfg, args.temperature).image
                 reward_B, parts_B, features_BD = reward_fn(images)
                 rewards.append(reward_B)
                 parts.append(parts_B)
@@ -1699,12 +1682,12 @@ def measure_policies(var: VAR, pi_ref, vae, reward_fn, judge, labels, args: Conf
             result[f"colours_{name}"] = {c: (colour_B == i).float().mean().item() for i, c in enumerate([*TOY_COLOURS, "none"])}
 
     def change(key: str) -> dict:  # start and end means, the standard error of their difference, the gain in it
-        a_N, b_N = drawn["start"][key], drawn["end"][key]
-        gain = (b_N.mean() - a_N.mean()).item()
-        var = lambda x_N: x_N.var().item() if n > 1 else float("nan")  # one sample has no variance: null in the JSON
-        se = math.sqrt((var(a_N) + var(b_N)) / n)
-        se_paired = math.sqrt(var(b_N - a_N) / n)  # sample i of both policies: the same class and seed
-        return dict(start=a_N.mean().item(), end=b_N.mean().item(), se=se, gain_in_se=gain / se if se > 0 else None,
+        before, after = drawn["start"][key], drawn["end"][key]  # one value per sample
+        gain = (after.mean() - before.mean()).item()
+        variance = lambda x: x.var().item() if n > 1 else float("nan")  # one sample has no variance: null in the JSON
+        se = math.sqrt((variance(before) + variance(after)) / n)
+        se_paired = math.sqrt(variance(after - before) / n)  # sample i of both policies: the same class and seed
+        return dict(start=before.mean().item(), end=after.mean().item(), se=se, gain_in_se=gain / se if se > 0 else None,
                     se_paired=se_paired, gain_in_se_paired=gain / se_paired if se_paired > 0 else None)
     total = change("reward")
     result.update(reward_start=total["start"], reward_end=total["end"], reward_se=total["se"],
@@ -1775,26 +1758,6 @@ class ClipClassJudge(nn.Module):
         return features_BD @ self.class_emb_ND.T
 
 
-def shape_mask(images_B3HW):
-    """The toy world's silhouette: 1 where a pixel differs from the background by >= 0.25 in some channel, 0 below
-    0.1, linear in between (a soft edge for antialiased borders). The background colour is the per-channel median of
-    the border pixels (toy images have a plain background and a shape that never touches the border). (B, 1, H, W)"""
-    x = images_B3HW.float()
-    border_B3N = torch.cat((x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]), dim=-1)
-    background_B311 = border_B3N.median(dim=-1).values[..., None, None]
-    distance_B1HW = (x - background_B311).abs().amax(dim=1, keepdim=True)
-    return ((distance_B1HW - 0.1) / 0.15).clamp(0, 1)
-
-
-def shape_redness(images_B3HW):
-    """Mean of R - (G + B)/2 over the shape's pixels (weighted by shape_mask): +1 for pure red (1, 0, 0), -1 for pure
-    cyan (0, 1, 1), 0 for any grey. (B,)"""
-    mask_B1HW = shape_mask(images_B3HW)
-    r, g, b = images_B3HW.float().unbind(1)
-    red_B1HW = (r - (g + b) / 2).unsqueeze(1)
-    return (mask_B1HW * red_B1HW).sum((1, 2, 3)) / mask_B1HW.sum((1, 2, 3)).clamp_min(1.0)
-
-
 # The toy world's colours (RGB): the 8 of the palette that VAR is pretrained on (hues 0, 30, 60, 120, 180, 240, 270
 # and 300 degrees at saturation 0.85, value 0.9), then 3 that only the tokenizer and the toy CLIP ever saw.
 TOY_COLOURS = {"red": (0.9, 0.135, 0.135), "orange": (0.9, 0.5175, 0.135), "yellow": (0.9, 0.9, 0.135),
@@ -1836,7 +1799,6 @@ class ShapeJudge(nn.Module):
         return self.net(shape_mask(images_B3HW) * 2 - 1)
 
 
-
 def load_judge(args: Config, device: torch.device, reward_fn: Optional[Reward] = None) -> Optional[nn.Module]:
     """What names the class of a sample, apart from the reward: the toy world's ShapeJudge (--tiny), or at full size
     CLIP zero-shot (ClipClassJudge, when the reward runs CLIP); None otherwise."""
@@ -1854,34 +1816,122 @@ def load_judge(args: Config, device: torch.device, reward_fn: Optional[Reward] =
                           SIMPLE_IMAGENET_TEMPLATES, device)
 
 
-_clip_config_dir: Optional[str] = None
-
-
 # ----------------------------------------------------------------------------------------------------------
-# D. The run directory: image grids and a reward curve a person looks at, checkpoints that survive a full disk,
-# one run per directory, what a resumed run must match, Ctrl-C; and train(), which checks everything first.
+# D. The run directory: the Run around train()'s loop, which checks everything first; image grids and a reward curve
+# a person looks at, checkpoints that survive a full disk, one run per directory, what a resumed run must match, Ctrl-C.
 # ----------------------------------------------------------------------------------------------------------
 
-def train(args: RunConfig) -> dict:
-    """Check every setting and path, take --out for this run alone, then run GRPO. Under torchrun (appendix H) every
-    process reads the checkpoint to resume; only the first takes the lock and writes."""
-    args = with_default_lr(args)
-    check_config(args)
-    out = out_dir(args)
-    with torchrun_processes(resolve_device(args.device)) as (ranks, device):
+class Run:
+    """A run of train(), around its loop. `with Run(args) as run` checks every setting and path before any work, joins
+    torchrun's processes (appendix H), takes --out for this run alone and reads the checkpoint to resume; a failure
+    inside becomes advice that says what to change and what is kept. run.steps(...) installs what measures a step and
+    what speeds it up, resumes, and yields the steps to run, ending early after Ctrl-C, SIGTERM or SIGHUP; run.record
+    logs, evaluates and saves each step; run.finish writes the comparison of the starting and the final policy and the
+    final outputs. Under torchrun every process trains; only the first (ranks.main) prints, evaluates and writes."""
+    def __init__(self, args: RunConfig):
+        check_config(args)
+        self.args, self.out, self.loop, self.stop, self.stopping = args, out_dir(args), None, [], False
+        self.context = self.open()
+
+    def __enter__(self):
+        return self.context.__enter__()
+
+    def __exit__(self, *exc):
+        return self.context.__exit__(*exc)
+
+    @contextmanager
+    def open(self):
+        args, out = self.args, self.out
+        with torchrun_processes(resolve_device(args.device)) as (self.ranks, self.device):
+            if self.ranks.main:
+                check_writable(out, "--out")
+            if needs_download(args):
+                check_writable(cache_dir(args), "--cache-dir" if args.cache_dir else "the weight cache ($VAR_GRPO_CACHE or ~/.cache/var_grpo)")
+            with run_lock(out) if self.ranks.main else nullcontext():
+                self.ck = open_checkpoint(args, out, self.device)
+                self.ranks.barrier()  # torchrun: every process has read --out before the first one writes into it
+                if args.tiny:
+                    print(f"--tiny: the toy world on {args.device}: VAR-d{TOY_DEPTH} pretrained on 32 px shapes of 8 colours "
+                          f"(notebooks/toy_world.py), fine-tuned for --reward {args.reward} with --prompt {args.prompt!r} "
+                          f"(the toy CLIP knows {len(TOY_COLOURS)} colours: {', '.join(TOY_COLOURS)})"
+                          + (f", {self.ranks.world} processes." if self.ranks.world > 1 else "."))
+                try:
+                    with failures_keep_checkpoints(out, args):
+                        yield self
+                finally:
+                    if self.loop is not None:
+                        self.loop.close()  # puts the signal handlers back now, not whenever the loop is collected
+
+    def steps(self, policy: Policy, vae: VQVAE, reward_fn: Reward, opt, pool):
+        """The steps to run: from 0, or from the checkpoint's step with the model and the optimizer restored."""
+        self.loop = self.step_loop(policy, vae, reward_fn, opt, pool)
+        return self.loop
+
+    def step_loop(self, policy: Policy, vae: VQVAE, reward_fn: Reward, opt, pool):
+        args, ranks = self.args, self.ranks
+        use_the_device(args, self.device, policy)  # appendix E: bf16 frozen weights, --compile, --cuda-graphs
+        if ranks.world > 1:
+            split_over_processes(policy, ranks)  # appendix H: each process does 1/N of every phase
+        self.clock = watch(policy, reward_fn, self.device, args)
+        self.policy, self.opt = policy, opt
+        start, self.records = start_or_resume(args, self.out, self.ck, policy.var, opt, write_files=ranks.main)
+        self.evaluate = Evaluation(vae, reward_fn, args, pool, self.device, self.out)
+        if start == 0 and ranks.main:
+            print(f"step 0 evaluation reward {self.evaluate(policy.var, 0):.4f}")
+        with signals_stop_after_the_step() as self.stop:
+            for step in progress_bar(start, args.steps, ranks.main):
+                self.clock.start()
+                yield step
+                if self.stopping:
+                    return
+
+    def record(self, step: int, result: dict):
+        """After a step: its record logged (metrics.jsonl and a line for a person), an evaluation grid and a checkpoint
+        when --eval-every and --save-every say, and a checkpoint when a signal asks the run to stop."""
+        args, ranks = self.args, self.ranks
+        self.clock("update")
+        self.clock.stop()
+        rec = dict(step=step, **step_record(result, args, self.clock))
+        self.done = step + 1
+        self.stopping = ranks.any(bool(self.stop))  # torchrun: a signal to any process stops them all after this step
         if ranks.main:
-            check_writable(out, "--out")
-        if needs_download(args):
-            check_writable(cache_dir(args), "--cache-dir" if args.cache_dir else "the weight cache ($VAR_GRPO_CACHE or ~/.cache/var_grpo)")
-        with run_lock(out) if ranks.main else nullcontext():
-            ck = open_checkpoint(args, out, device)
-            ranks.barrier()  # torchrun: every process has read --out before the first one writes into it
-            if args.tiny:
-                print(f"--tiny: the toy world on {args.device}: VAR-d{TOY_DEPTH} pretrained on 32 px shapes of 8 colours "
-                      f"(notebooks/toy_world.py), fine-tuned for --reward {args.reward} with --prompt {args.prompt!r} "
-                      f"(the toy CLIP knows {len(TOY_COLOURS)} colours: {', '.join(TOY_COLOURS)})"
-                      + (f", {ranks.world} processes." if ranks.world > 1 else "."))
-            return run_grpo(args, device, out, ck, ranks)
+            if self.done % args.eval_every == 0 or self.done == args.steps:  # the policy after this step's update
+                rec["eval_reward"] = self.evaluate(self.policy.var, self.done)
+            self.records.append(rec)
+            log_step(self.records, self.out / "metrics.jsonl", args)
+            if self.done % args.save_every == 0 or self.done == args.steps or self.stopping:
+                save_checkpoint(self.out / "checkpoint.pt", self.done, self.policy.var, self.opt, args)
+
+    def finish(self, policy: Policy, vae: VQVAE, reward_fn: Reward, pool, heldout) -> dict:
+        """The end of the run: summary.json (unless stopped early) and the final outputs, on the first process."""
+        args, summary = self.args, None
+        if not self.ranks.main:
+            self.ranks.barrier()  # until process 0 has written the run's files: a next run may read them
+            return dict(out=self.out, records=[], var=policy.var, summary=None)
+        if self.stopping:
+            print(f"stopped by {self.stop[0] if self.stop else 'a signal to another process'} after step {self.done}, "
+                  f"checkpoint saved: continue with the same command and --resume")
+        elif self.records and args.summary_samples > 0:
+            judge = load_judge(args, self.device, reward_fn)
+            summary = compare_policies(policy, vae, reward_fn, judge, pool, heldout, args, self.device)
+        write_final_outputs(self.out, args, self.records, summary, policy.var)
+        self.ranks.barrier()
+        return dict(out=self.out, records=self.records, var=policy.var, summary=summary)
+
+
+@contextmanager
+def errors_as_messages(args: RunConfig):
+    """main's errors: bad input, a file that cannot be written, a failed download, a non-finite update or no memory
+    end the program with one line that says what to do, not a traceback."""
+    try:
+        yield
+    except (ValueError, OSError, WeightsError, FloatingPointError, MemoryError) as e:  # OSError: a file could not be written
+        raise SystemExit(f"error{which_process()}: {e}") from None
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C during it
+        if not args.bench:
+            print(f"\nstopped at once by Ctrl-C; checkpoints already in {out_dir(args)} are kept (--resume continues "
+                  f"from the last one)", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def progress_bar(start: int, steps: int, show: bool):
@@ -2078,7 +2128,7 @@ def log_step(records: List[dict], metrics_path: Path, args: Config):
     tqdm.write(f"step {rec['step']:4d} | reward {rec['reward_mean']:.4f} +- {rec['reward_std']:.4f} | kl_ref {rec['kl_ref']:.2e} | "
                f"clip {rec['clip_frac']:.3f} | ratio {rec['ratio_mean']:.4f} | gap {rec['logprob_gap_max']:.1e} | "
                f"ent {rec['entropy']:.3f} | grad {rec['grad_norm']:.3f} | div {rec['diversity']:.3f} | "
-               f"{rec['time_sample'] + rec['time_reward'] + rec['time_update']:.2f}s (sample {rec['time_sample']:.2f} "
+               f"{rec['time_rollout'] + rec['time_reward'] + rec['time_update']:.2f}s (rollout {rec['time_rollout']:.2f} "
                f"reward {rec['time_reward']:.2f} update {rec['time_update']:.2f})"
                + (f" | eval reward {rec['eval_reward']:.4f}" if "eval_reward" in rec else ""))
     recent = records[-STUCK_STEPS:]
@@ -2124,7 +2174,7 @@ def signals_stop_after_the_step():
 
 
 @contextmanager
-def failures_keep_checkpoints(out: Path):
+def failures_keep_checkpoints(out: Path, args: Config):
     """Out of memory (GPU or CPU), or a non-finite update: say what to change, and what is kept in out."""
     def kept() -> str:
         if (out / "checkpoint.pt").exists():
@@ -2139,6 +2189,8 @@ def failures_keep_checkpoints(out: Path):
             f"{e}\nOut of GPU memory. {lower}, leave out --cuda-graphs (they hold the rollout's KV cache), or train "
             f"LoRA adapters with --lora-rank 16 (README: memory per depth). {kept()}") from None
     except (MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "is non-finite, so it cannot be clipped" in str(e):  # grpo_step's gradient
+            raise FloatingPointError(f"{non_finite_advice(None, args)}. {kept()}") from None
         if isinstance(e, RuntimeError) and "can't allocate memory" not in str(e) and "not enough memory" not in str(e):
             raise
         raise MemoryError(f"out of CPU memory ({str(e)[:200]}). {lower}, or use a machine with more memory. "
@@ -2273,13 +2325,57 @@ def read_metrics(path: Path, before_step: int) -> List[dict]:
     return [r for r in records if r["step"] < before_step]
 
 
-
 # ----------------------------------------------------------------------------------------------------------
-# E. Speed and memory. Rollouts in chunks (--sample-batch), frozen weights stored in bf16, and on a GPU: compiled
+# E. Speed and memory. LoRA adapters (--lora-rank: the trained weights, their optimizer state and their gradients
+# shrink to a few MB), rollouts in chunks (--sample-batch), frozen weights stored in bf16, and on a GPU: compiled
 # blocks for the teacher-forced passes (--compile, default), the sampler's per-scale passes replayed as CUDA graphs
 # (--cuda-graphs), activations recomputed in the backward pass (--grad-checkpointing). None changes the method;
-# use_the_device installs them into the models that setup_policy made.
+# use_the_device installs them into the policy when the run starts.
 # ----------------------------------------------------------------------------------------------------------
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPU (as the official code runs), plain fp32 on CPU (exact parity)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+class LoRALinear(nn.Module):
+    """y = x W^T + b + (x W_down^T) W_up^T: a frozen linear (W, b) plus a trained low-rank update W_up W_down, with
+    W_down: (rank, in), W_up: (out, rank). W_up starts at zero, so the adapted model starts as the base model; alpha
+    = rank (scale 1). W and b keep their keys."""
+    def __init__(self, base: nn.Linear, rank: int):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias
+        bound = 1 / math.sqrt(base.in_features)  # W_down as nn.Linear initialises its weights, W_up = 0 (as in the paper)
+        self.lora_down = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device).uniform_(-bound, bound))
+        self.lora_up = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        self.adapters_on = True
+
+    def forward(self, x, bias=None):  # bias: the attention passes its q/v biases to the adapted QKVLinear
+        y = F.linear(x, self.weight, self.bias if bias is None else bias)
+        return y + F.linear(F.linear(x, self.lora_down), self.lora_up) if self.adapters_on else y
+
+
+def add_lora(var: VAR, rank: int) -> VAR:
+    """Freeze var and give the four linears of every block rank-`rank` adapters, the only trainable weights."""
+    var.requires_grad_(False)
+    for block in var.blocks:
+        for module, name in ((block.attn, "mat_qkv"), (block.attn, "proj"), (block.ffn, "fc1"), (block.ffn, "fc2")):
+            setattr(module, name, LoRALinear(getattr(module, name), rank))
+    return var
+
+
+@contextmanager
+def adapters_off(var: VAR):
+    """var with its LoRA adapters switched off: the base model, pi_ref."""
+    adapters = [m for m in var.modules() if isinstance(m, LoRALinear)]
+    for m in adapters:
+        m.adapters_on = False
+    try:
+        yield var
+    finally:
+        for m in adapters:
+            m.adapters_on = True
+
 
 def sample_in_chunks(var: VAR, vae: VQVAE, label_B, seed_B, chunk: int, *args, **kwargs) -> Sample:
     """`sample` over label_B in chunks of `chunk` images (0: all at once): the KV cache then holds one chunk. The
@@ -2289,7 +2385,7 @@ def sample_in_chunks(var: VAR, vae: VQVAE, label_B, seed_B, chunk: int, *args, *
     if len(parts) == 1:
         return parts[0]
     return Sample([torch.cat(maps) for maps in zip(*(p.tokens for p in parts))], torch.cat([p.image for p in parts]),
-                  torch.cat([p.logprob for p in parts]) if parts[0].logprob is not None else None)
+                  torch.cat([p.logp_BL for p in parts]) if parts[0].logp_BL is not None else None)
 
 
 def frozen_linears_to_bf16(model: VAR):
@@ -2302,8 +2398,9 @@ def frozen_linears_to_bf16(model: VAR):
                     p.data = p.data.to(torch.bfloat16)
 
 
-def use_the_device(args: RunConfig, device: torch.device, var: VAR, ref: Optional[VAR]):
-    """Install the speed and memory settings into the policy var and the frozen reference copy ref (if any)."""
+def use_the_device(args: RunConfig, device: torch.device, policy: Policy):
+    """Install the speed and memory settings into the policy's VAR and its frozen reference copy (if any)."""
+    var, ref = policy.var, policy.ref
     if device.type == "cuda" and args.lora_rank > 0:  # LoRA's frozen base
         frozen_linears_to_bf16(var)
     if device.type == "cuda" and ref is not None:
@@ -2430,12 +2527,11 @@ def update_flops(var: VAR, args: RunConfig, n_images: int) -> float:
     computes them; both CFG branches; the no-grad reference (and --old-logprobs recompute) passes."""
     block_weights = sum(m.weight.numel() for b in var.blocks for m in (b.attn.mat_qkv, b.attn.proj, b.ffn.fc1, b.ffn.fc2))
     forward = 2 * var.L * (block_weights + var.C * var.V) + 4 * var.L ** 2 * var.C * var.depth  # one sequence
-    passes = args.inner_epochs * (3 if args.lora_rank == 0 else 2) + (args.beta > 0) + (args.old_logprobs == "recompute")
+    passes = args.inner_epochs * (3 if args.lora_rank == 0 else 2)  # the no-grad passes belong to the rollout
     return n_images * (1 if args.cfg == 0 else 2) * forward * passes
 
 
 def benchmark(args: RunConfig, repeats: int = 3) -> dict:
-    args = with_default_lr(args)
     check_config(args)
     device = resolve_device(args.device)
     arch = TOY_ARCH if args.tiny else OFFICIAL_ARCH
@@ -2447,11 +2543,11 @@ def benchmark(args: RunConfig, repeats: int = 3) -> dict:
     labels = torch.arange(B, device=device) % arch["num_classes"]
     seeds = image_seeds(B, args.seed, "bench")
     t_sample, s = timed(lambda: sample(var, vae, labels, seeds, cfg=1.5, top_k=900, top_p=0.96), device, repeats)
-    x_BMCv = vae.quantize.tokens_to_var_input(s.tokens)
+    f_BMCv = vae.quantize.tokens_to_var_input(s.tokens)
 
     def teacher_forced():
         with torch.no_grad(), autocast(device):
-            return var(labels, x_BMCv)
+            return var(labels, f_BMCv)
     t_tf, _ = timed(teacher_forced, device, repeats)
     result = dict(depth=depth, device=str(device), batch=B, sample_images_per_s=B / t_sample, sample_s=t_sample,
                   teacher_forced_tokens_per_s=B * var.L / t_tf, teacher_forced_s=t_tf,
@@ -2460,44 +2556,76 @@ def benchmark(args: RunConfig, repeats: int = 3) -> dict:
 
     # whole GRPO steps, as train() runs them: random CLIP of --clip-model (no download) and aesthetic head
     reward_fn = build_reward(args, device, random_weights=True)
-    pi_ref, opt = setup_policy(args, var, device)
+    policy = Policy(var, args)
+    use_the_device(args, device, policy)
+    clock = watch(policy, reward_fn, device, args)
+    opt = torch.optim.AdamW(policy.trained, lr=args.lora_lr if policy.lora else args.lr, fused=device.type == "cuda")
     n_images = args.classes_per_step * args.group_size
     records = []
     for i in range(1 + repeats):  # the first step warms up (and compiles, with --compile)
         label_B = torch.randint(var.num_classes, (args.classes_per_step,), generator=generator(args.seed, "classes", i))
         t0 = time.perf_counter()
         label_B = label_B.repeat_interleave(args.group_size).to(device)
-        rec = grpo_step(var, pi_ref, vae, reward_fn, opt, label_B, args, i, PhaseClock(device), Ranks())
+        clock.start()
+        result_i = grpo_step(policy, vae, reward_fn, opt, label_B, args, i)
+        clock("update")
+        clock.stop()
+        rec = step_record(result_i, args, clock)
         if i == 0:
             result["first_step_s"] = time.perf_counter() - t0
         else:
             records.append(rec)
     mean = lambda key: float(np.mean([r[key] for r in records]))
-    step_s = mean("time_sample") + mean("time_reward") + mean("time_update")
+    step_s = mean("time_rollout") + mean("time_reward") + mean("time_update")
     flops = update_flops(var, args, n_images)
     peak = matmul_tflops(device)
-    result.update(step_images=n_images, step_s=step_s, step_sample_s=mean("time_sample"), step_reward_s=mean("time_reward"),
+    result.update(step_images=n_images, step_s=step_s, step_rollout_s=mean("time_rollout"), step_reward_s=mean("time_reward"),
                   step_update_s=mean("time_update"), step_images_per_s=n_images / step_s,
                   update_tflops=flops / mean("time_update") / 1e12, matmul_peak_tflops=peak,
                   update_mfu=flops / mean("time_update") / 1e12 / peak,
                   logprob_gap_max=max(r["logprob_gap_max"] for r in records), clip_frac_first=mean("clip_frac_first"),
                   **{k: max(r[k] for r in records) if device.type == "cuda" else None
-                     for k in ("peak_gpu_mem_gb", "peak_gpu_mem_gb_sample", "peak_gpu_mem_gb_reward", "peak_gpu_mem_gb_update")})
-    print(f"GRPO step, {n_images} images: {step_s:.3f} s (sample {result['step_sample_s']:.3f} + reward "
+                     for k in ("peak_gpu_mem_gb", "peak_gpu_mem_gb_rollout", "peak_gpu_mem_gb_reward", "peak_gpu_mem_gb_update")})
+    print(f"GRPO step, {n_images} images: {step_s:.3f} s (rollout {result['step_rollout_s']:.3f} + reward "
           f"{result['step_reward_s']:.3f} + update {result['step_update_s']:.3f}), {result['step_images_per_s']:.1f} images/s, "
           f"update {result['update_tflops']:.3g} TFLOP/s = MFU {result['update_mfu']:.1%} of a measured "
-          f"{peak:.3g} TFLOP/s matmul" + (f", peak memory {result['peak_gpu_mem_gb']:.1f} GB (sample "
-          f"{result['peak_gpu_mem_gb_sample']:.1f}, reward {result['peak_gpu_mem_gb_reward']:.1f}, update "
+          f"{peak:.3g} TFLOP/s matmul" + (f", peak memory {result['peak_gpu_mem_gb']:.1f} GB (rollout "
+          f"{result['peak_gpu_mem_gb_rollout']:.1f}, reward {result['peak_gpu_mem_gb_reward']:.1f}, update "
           f"{result['peak_gpu_mem_gb_update']:.1f})" if device.type == "cuda" else "")
           + f"; first step {result['first_step_s']:.1f} s")
     return result
 
 
 # ----------------------------------------------------------------------------------------------------------
-# G. The tokenizer's encoder and decoder: the standard VQGAN/LDM CNN (official basic_vae.py), of which VAR changes
-# nothing. The official VQVAE: channel multipliers (1,1,2,2,4), i.e. 4 halvings = 16x downsampling, 2 res-blocks per
-# level, GroupNorm with 32 groups. The toy world (TOY_ARCH) uses a smaller version of the same network.
+# G. The tokenizer around its quantiser: the VQVAE module, and its encoder and decoder, the standard VQGAN/LDM CNN
+# (official basic_vae.py), of which VAR changes nothing. The official VQVAE: channel multipliers (1,1,2,2,4), i.e. 4
+# halvings = 16x downsampling, 2 res-blocks per level, GroupNorm with 32 groups. The toy world (TOY_ARCH) uses a
+# smaller version of the same network.
 # ----------------------------------------------------------------------------------------------------------
+
+class VQVAE(nn.Module):
+    """The tokenizer: encoder CNN, quantiser, decoder CNN. `cnn` may override the CNN's shape (appendix G; the toy
+    world's is smaller)."""
+    def __init__(self, vocab_size=4096, z_channels=32, ch=160, patch_nums=OFFICIAL_ARCH["patch_nums"],
+                 quant_resi=0.5, share_quant_resi=4, **cnn):
+        super().__init__()
+        self.encoder, self.decoder = Encoder(ch, z_channels, **cnn), Decoder(ch, z_channels, **cnn)
+        self.quantize = MultiScaleQuantizer(vocab_size, z_channels, patch_nums, quant_resi, share_quant_resi)
+        self.quant_conv, self.post_quant_conv = nn.Conv2d(z_channels, z_channels, 3, padding=1), nn.Conv2d(z_channels, z_channels, 3, padding=1)
+        self.requires_grad_(False).eval()  # frozen: GRPO trains only the transformer
+
+    def img_to_tokens(self, img_B3HW) -> List[torch.Tensor]:
+        """Image in [-1, 1] -> K token maps (B, pn*pn), coarse to fine (official img_to_idxBl)."""
+        return self.quantize.f_to_tokens(self.quant_conv(self.encoder(img_B3HW)))
+
+    def fhat_to_img(self, f_hat_BCvhw):
+        """Latent -> image in [-1, 1]."""
+        return self.decoder(self.post_quant_conv(f_hat_BCvhw)).clamp_(-1, 1)
+
+    def tokens_to_img(self, tokens: List[torch.Tensor]):
+        """K token maps -> image in [-1, 1] (official idxBl_to_img(..., same_shape=True, last_one=True))."""
+        return self.fhat_to_img(self.quantize.tokens_to_fhat(tokens))
+
 
 OFFICIAL_CH_MULT, OFFICIAL_RES_BLOCKS, OFFICIAL_NORM_GROUPS = (1, 1, 2, 2, 4), 2, 32
 
@@ -2541,7 +2669,6 @@ class Resample(nn.Module):
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest") if self.up else F.pad(x, (0, 1, 0, 1)))
-
 
 
 class Encoder(nn.Module):
@@ -2617,21 +2744,22 @@ def run_level(stage: nn.Module, x_BChw):
 
 # ----------------------------------------------------------------------------------------------------------
 # H. More than one GPU: `torchrun --nproc_per_node N var_grpo.py ...` runs N copies of this file, one per GPU (gloo
-# processes on a CPU). Each samples, scores and computes the log-probs of P/N whole groups; the batch's rewards, tokens
-# and log-probs (a few hundred KB) are then gathered on every process, each takes 1/N of every minibatch, and DDP
-# averages the gradients, so every update is the one-process update on all P*G images. Every random draw is keyed by
-# (seed, step, image), so the run is the same for any N, up to the order of floating-point sums. Only process 0
-# evaluates, prints and writes files. `python var_grpo.py` runs one process: Ranks() and nothing of this section.
+# processes on a CPU). split_over_processes wraps the policy's two phases: each process rolls out P/N whole groups
+# (samples, scores, log-probs) and the rollouts of all are gathered on every process (a few hundred KB); each takes
+# 1/N of every minibatch and the gradients are then averaged over the processes, as DDP averages them, so every update
+# is the one-process update on all P*G images. Every random draw is keyed by (seed, step, image), so the run is the
+# same for any N, up to the order of floating-point sums. Only process 0 evaluates, prints and writes files.
+# `python var_grpo.py` runs one process: Ranks() and nothing of this section.
 # ----------------------------------------------------------------------------------------------------------
 
 DIST_TIMEOUT = timedelta(minutes=20)  # a process that hangs (rather than fails) ends the job after this long
 
 
 class Ranks:
-    """This process's place among the N processes of a torchrun job, and the collectives the loop needs. One process
+    """This process's place among the N processes of a torchrun job, and the collectives the run needs. One process
     (the default, Ranks()): rank 0 of 1, and each method returns its input."""
     def __init__(self, rank: int = 0, world: int = 1, device: torch.device = torch.device("cpu")):
-        self.rank, self.world, self.device, self.ddp = rank, world, device, None
+        self.rank, self.world, self.device = rank, world, device
         self.main = rank == 0
 
     def barrier(self):
@@ -2644,9 +2772,12 @@ class Ranks:
         return slice(self.rank * k, (self.rank + 1) * k)
 
     def gather(self, x):
-        """x (a tensor, or tuples, lists, dicts of them) of every process, concatenated along dim 0 in rank order."""
-        if self.world == 1:
+        """x (a tensor, a Rollout, or lists and dicts of them; None stays None) of every process, concatenated along
+        dim 0 in rank order."""
+        if self.world == 1 or x is None:
             return x
+        if isinstance(x, Rollout):
+            return Rollout(**{f.name: self.gather(getattr(x, f.name)) for f in fields(x)})
         if isinstance(x, dict):
             return {k: self.gather(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
@@ -2655,13 +2786,13 @@ class Ranks:
         dist.all_gather(parts, x.contiguous())
         return torch.cat(parts)
 
-    def gather_stats(self, mb_stats: List[List[dict]]) -> List[List[dict]]:
-        """Each minibatch's micro-batch statistics of every process (the step's record averages them)."""
+    def gather_stats(self, stats: List[dict]) -> List[dict]:
+        """The micro-batch statistics of every process (the step's record averages them)."""
         if self.world == 1:
-            return mb_stats
+            return stats
         every = [None] * self.world
-        dist.all_gather_object(every, mb_stats)
-        return [[s for r in every for s in r[m]] for m in range(len(mb_stats))]
+        dist.all_gather_object(every, stats)
+        return [st for r in every for st in r]
 
     def any(self, flag: bool) -> bool:
         """True on every process if it is True on one (a stop signal reaches all of them at the same step)."""
@@ -2671,22 +2802,34 @@ class Ranks:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
-    def wrap(self, var: VAR):
-        """Wrap var in DDP: it all-reduces the gradients of the trained weights only (LoRA: the adapters), and the
-        buffers are constants, so they are not broadcast at every forward."""
-        if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            new_name = "forward_sync_buffers" in inspect.signature(DDP).parameters  # newer torch renamed broadcast_buffers
-            self.ddp = DDP(var, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                           **{"forward_sync_buffers" if new_name else "broadcast_buffers": False})
+    def average_gradients(self, params: List[torch.Tensor]):
+        """Each gradient becomes the mean over the processes, as DDP computes it: divided by N, then summed."""
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad.mul_(1 / self.world))
 
-    def forward(self, var: VAR):
-        """What runs var's teacher-forced pass in the update: DDP's wrapper, whose backward all-reduces."""
-        return var if self.ddp is None else self.ddp
+    def broadcast(self, params: List[torch.Tensor]):
+        """Process 0's values on every process (as DDP does at the start; they are equal anyway)."""
+        for p in params:
+            dist.broadcast(p.data, src=0)
 
-    def accumulating(self, last: bool):
-        """A micro-batch's backward: without the all-reduce, unless it is the minibatch's last (DDP's no_sync)."""
-        return nullcontext() if self.ddp is None or last else self.ddp.no_sync()
+
+def split_over_processes(policy: Policy, ranks: Ranks):
+    """Install torchrun's split into the policy's two phases, changing nothing they compute: a rollout of P/N whole
+    groups on each process, gathered on every one; a minibatch's gradient accumulated by each process on its 1/N, the
+    mean over its part, then averaged over the processes (so, for equal parts, the mean over the minibatch)."""
+    rollout, accumulate = policy.rollout, policy.accumulate_gradients
+
+    def rollout_of_my_groups(vae, reward_fn, label_B, seed_B, args):
+        mine = ranks.share(len(label_B))
+        return ranks.gather(rollout(vae, reward_fn, label_B[mine], seed_B[mine], args))
+
+    def accumulate_my_part(vae, roll, adv_B, idx_B, args):
+        stats = accumulate(vae, roll, adv_B, idx_B[ranks.share(len(idx_B))], args)
+        ranks.average_gradients(policy.trained)
+        return ranks.gather_stats(stats)
+    policy.rollout, policy.accumulate_gradients = rollout_of_my_groups, accumulate_my_part
+    ranks.broadcast(policy.trained)
 
 
 def world_size() -> int:
