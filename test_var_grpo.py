@@ -31,6 +31,89 @@ FIXTURES = [Path(p) for p in os.environ.get("VAR_GRPO_FIXTURES", str(TESTDATA / 
 
 
 # ------------------------------------------------------------------------------------------------
+# The reading budget: the method a student reads stays short, in pipeline order, one process, no plumbing.
+# A new feature finds its place in the appendix (as tinygrad holds its line count in CI).
+# ------------------------------------------------------------------------------------------------
+
+METHOD_LINES, FILE_LINES, GRPO_LOSS_BY, GRPO_STEP_LINES = 800, 2500, 600, 45
+METHOD_SECTIONS = ["Config", "Tokenizer", "Transformer", "Sampling", "Rewards", "GRPO", "The policy", "The training loop",
+                   "main"]
+APPENDIX_SECTIONS = ["A.", "B.", "C.", "D.", "E.", "F.", "G.", "H."]
+# what the method must not contain: torchrun, timing, files, signals, resuming (appendices C, D, H do these)
+PLUMBING = {"dist", "Ranks", "ranks", "world_size", "torchrun_processes", "split_over_processes", "which_process", "DDP",
+            "all_reduce", "all_gather", "barrier", "no_sync", "time", "perf_counter", "PhaseClock", "clock", "open", "Path",
+            "json", "save", "load", "atomic_save", "save_checkpoint", "signal", "resume", "start_or_resume", "os", "environ"}
+
+
+def reading_budget_problems(source: str) -> list:
+    """Every way `source` (the text of var_grpo.py) breaks the reading budget, in words; [] if none."""
+    import ast
+    lines, problems = source.splitlines(), []
+    appendix = next(i for i, line in enumerate(lines, 1) if line.startswith("# APPENDIX"))
+    if appendix - 1 > METHOD_LINES:
+        problems.append(f"the method part has {appendix - 1} lines, more than {METHOD_LINES}")
+    if len(lines) > FILE_LINES:
+        problems.append(f"the file has {len(lines)} lines, more than {FILE_LINES}")
+    banners = [(i, lines[i][2:]) for i in range(1, len(lines))  # (line index, title): the line under a rule of dashes
+               if lines[i - 1].startswith("# ---") and lines[i].startswith("# ") and not lines[i].startswith("# ---")]
+    titles = [next((t for t in METHOD_SECTIONS if title.startswith(t)), title) for i, title in banners if i < appendix]
+    if titles != METHOD_SECTIONS:
+        problems.append(f"the method's sections are {titles}, not {METHOD_SECTIONS} in that order")
+    rest = [title[:2] for i, title in banners if i > appendix]
+    if rest != APPENDIX_SECTIONS:
+        problems.append(f"the appendix's sections are {rest}, not {APPENDIX_SECTIONS} in that order")
+    tree = ast.parse(source)
+    defined = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defined.setdefault(node.name, node)
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    defined.setdefault(target.id, node)
+    for name, node in defined.items():
+        if name == "grpo_loss" and node.lineno >= GRPO_LOSS_BY:
+            problems.append(f"grpo_loss starts at line {node.lineno}, not before {GRPO_LOSS_BY}")
+        if name == "grpo_step" and node.end_lineno - node.lineno + 1 > GRPO_STEP_LINES:
+            problems.append(f"grpo_step has {node.end_lineno - node.lineno + 1} lines, more than {GRPO_STEP_LINES}")
+    for node in tree.body:
+        if node.lineno >= appendix:
+            continue
+        for sub in ast.walk(node):
+            name = sub.id if isinstance(sub, ast.Name) else sub.attr if isinstance(sub, ast.Attribute) else None
+            if name in PLUMBING:
+                problems.append(f"line {sub.lineno}: {name!r} in the method part (plumbing: it belongs in the appendix)")
+            if isinstance(sub, ast.Name) and sub.id in defined and sub.id != getattr(node, "name", None):
+                first = defined[sub.id].lineno
+                if sub.lineno < first < appendix:
+                    problems.append(f"line {sub.lineno}: {sub.id} is used before its definition at line {first}")
+    return problems
+
+
+def test_the_method_part_keeps_its_reading_budget():
+    """The method part (before the APPENDIX banner) is at most 800 lines, in pipeline order, defines every name before
+    using it (appendix helpers aside), and holds no torchrun, timing, file, signal or resume code; grpo_loss comes
+    before line 600, grpo_step is at most 45 lines, the file at most 2,500."""
+    problems = reading_budget_problems((HERE / "var_grpo.py").read_text())
+    assert not problems, "the reading budget is broken:\n  " + "\n  ".join(problems)
+
+
+def test_the_reading_budget_catches_what_it_guards_against():
+    """The budget check itself: a method part that grew, a section out of order, a name used before its definition and
+    a torchrun call in grpo_step are each reported."""
+    source = (HERE / "var_grpo.py").read_text()
+    assert reading_budget_problems(source) == []
+    grown = source.replace("# APPENDIX", "\n" * 300 + "# APPENDIX", 1)
+    assert any("the method part has" in p for p in reading_budget_problems(grown))
+    swapped = source.replace("# Tokenizer, step 1", "# Transformerx", 1).replace("# Transformer, step 2", "# Tokenizer", 1)
+    assert any("the method's sections are" in p for p in reading_budget_problems(swapped))
+    torchrun = source.replace("    adv_B = group_advantages(", "    dist.barrier()\n    adv_B = group_advantages(", 1)
+    assert any("'dist' in the method part" in p for p in reading_budget_problems(torchrun))
+    early = source.replace("    adv_B = group_advantages(", "    main()\n    adv_B = group_advantages(", 1)
+    assert any("main is used before its definition" in p for p in reading_budget_problems(early))
+
+
+# ------------------------------------------------------------------------------------------------
 # Official checkpoints: keys, shapes and parameter counts (built on the meta device: instant)
 # ------------------------------------------------------------------------------------------------
 
@@ -96,11 +179,11 @@ def test_parity_tokens_and_reconstruction(fixture):
 @torch.no_grad()
 def test_parity_teacher_forced_logits(fixture):
     c, vae, var, e = fixture
-    x_BMCv = vae.quantize.tokens_to_var_input(e["tokens"])
-    torch.testing.assert_close(x_BMCv, e["teacher_forcing_input"], atol=1e-5, rtol=0)
-    torch.testing.assert_close(var(e["labels"], x_BMCv), e["logits"], atol=1e-4, rtol=0)
+    f_BMCv = vae.quantize.tokens_to_var_input(e["tokens"])
+    torch.testing.assert_close(f_BMCv, e["teacher_forcing_input"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(var(e["labels"], f_BMCv), e["logits"], atol=1e-4, rtol=0)
     null_B = torch.full_like(e["labels"], c["num_classes"])
-    torch.testing.assert_close(var(null_B, x_BMCv), e["logits_uncond"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(var(null_B, f_BMCv), e["logits_uncond"], atol=1e-4, rtol=0)
 
 
 @torch.no_grad()
@@ -203,7 +286,7 @@ def test_learning_rates_are_the_values_in_config_and_a_rate_the_run_would_not_us
     world's in TINY_DEFAULTS); the optimizer uses the one for what is trained; the other one, changed, is refused."""
     assert (vg.Config.lr, vg.Config.lora_lr) == (1e-5, 1e-4)
     assert (vg.parse_config(["--tiny"]).lr, vg.parse_config(["--tiny"]).lora_lr) == (2e-4, 3e-3)
-    vg.train(tiny_cfg(tmp_path, lora_rank=4, steps=1, summary_samples=0, num_eval=2, micro_batch=8))
+    vg.train(tiny_args(tmp_path, lora_rank=4, steps=1, summary_samples=0, num_eval=2, micro_batch=8))
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert [g["lr"] for g in ck["optimizer"]["param_groups"]] == [3e-3]
     assert json.loads((tmp_path / "config.json").read_text())["lora_lr"] == 3e-3
@@ -314,18 +397,18 @@ def test_404_names_the_url_and_the_manual_route(server, tmp_path):
 
 def test_local_checkpoint_paths_need_no_network(tmp_path):
     c, vae, var, _ = load_fixture(TESTDATA / "var_tiny")
-    cfg = vg.RunConfig(vae_ckpt=str(TESTDATA / "var_tiny/vae.pth"), cache_dir=str(tmp_path))
-    assert vg.weight_path(cfg.vae_ckpt, "http://127.0.0.1:9/never", cfg) == Path(cfg.vae_ckpt)
+    args = vg.RunConfig(vae_ckpt=str(TESTDATA / "var_tiny/vae.pth"), cache_dir=str(tmp_path))
+    assert vg.weight_path(args.vae_ckpt, "http://127.0.0.1:9/never", args) == Path(args.vae_ckpt)
     with pytest.raises(vg.WeightsError, match="does not exist"):
-        vg.weight_path(str(tmp_path / "nope.pth"), "http://127.0.0.1:9/never", cfg)
+        vg.weight_path(str(tmp_path / "nope.pth"), "http://127.0.0.1:9/never", args)
 
 
 def test_cached_file_is_found_under_its_decoded_name(tmp_path):
     # the aesthetic head's URL ends in sac%2Blogos%2B...; the cache (and the notebooks) know it as sac+logos+...
     cached = tmp_path / "sac+logos+ava1-l14-linearMSE.pth"
     cached.write_bytes(b"not fetched")
-    cfg = vg.RunConfig(cache_dir=str(tmp_path))
-    assert vg.weight_path("", vg.AESTHETIC_URL, cfg) == cached  # no request: the URL is never contacted
+    args = vg.RunConfig(cache_dir=str(tmp_path))
+    assert vg.weight_path("", vg.AESTHETIC_URL, args) == cached  # no request: the URL is never contacted
 
 
 # ------------------------------------------------------------------------------------------------
@@ -509,11 +592,11 @@ import toy_world as tw  # noqa: E402
 @pytest.fixture(scope="module")
 def toy():
     """The shipped toy models, exactly as --tiny loads them (strict=True), and 500 held-out drawn images."""
-    cfg = vg.RunConfig(tiny=True)
-    vae, var = vg.load_models(cfg, torch.device("cpu"))
+    args = vg.RunConfig(tiny=True)
+    vae, var = vg.load_models(args, torch.device("cpu"))
     labels = torch.arange(500) % len(tw.SHAPES)
     images = tw.draw(labels, torch.Generator().manual_seed(123))[0]
-    return vae, var.eval(), vg.load_judge(cfg, torch.device("cpu")), labels, images
+    return vae, var.eval(), vg.load_judge(args, torch.device("cpu")), labels, images
 
 
 def test_drawn_world_is_seeded_and_its_attributes_are_true():
@@ -645,18 +728,18 @@ def test_missing_or_corrupt_toy_weights_say_how_to_rebuild(tmp_path, monkeypatch
     toy = tmp_path / "toy"
     toy.mkdir()
     monkeypatch.setattr(vg, "TOY_DIR", toy)
-    cfg = vg.RunConfig(tiny=True, reward="clip=1,aesthetic=0.1", prompt="a lime shape")
+    args = vg.RunConfig(tiny=True, reward="clip=1,aesthetic=0.1", prompt="a lime shape")
     with pytest.raises(vg.WeightsError, match=f"(?s){toy / 'clip.pth'} does not exist.*git checkout -- notebooks/toy"):
-        vg.build_reward(cfg, torch.device("cpu"))
+        vg.build_reward(args, torch.device("cpu"))
     (toy / "clip.pth").write_bytes(b"PK\x03\x04 torn")
     with pytest.raises(vg.WeightsError, match=f"(?s){toy / 'clip.pth'} cannot be loaded as {vg.TOY_CLIP} weights.*"
                                               "python notebooks/toy_world.py"):
-        vg.build_reward(cfg, torch.device("cpu"))
+        vg.build_reward(args, torch.device("cpu"))
     (toy / "clip.pth").write_bytes((HERE / "notebooks" / "toy" / "clip.pth").read_bytes())
     (toy / "aesthetic.pth").write_bytes((HERE / "notebooks" / "toy" / "judge.pth").read_bytes())  # the wrong file
     with pytest.raises(vg.WeightsError, match=f"(?s){toy / 'aesthetic.pth'} does not fit the AestheticHead.*"
                                               "git checkout -- notebooks/toy"):
-        vg.build_reward(cfg, torch.device("cpu"))
+        vg.build_reward(args, torch.device("cpu"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -749,7 +832,7 @@ def test_k3_kl_and_per_token_averaging_by_hand():
     assert loss.item() == pytest.approx((-2.0 + 1.0) / 2)
 
 
-def tiny_cfg(tmp_path, **kw):
+def tiny_args(tmp_path, **kw):
     return vg.RunConfig(**{**vg.TINY_DEFAULTS, "tiny": True, "out": str(tmp_path), **kw})
 
 
@@ -760,9 +843,9 @@ def test_tiny_prompt_run_draws_a_colour_the_pretraining_never_showed(tmp_path):
     standard errors, the share of lime shapes (measured from pixels) rises from <= 5% to >= 30%, and the judge still
     recognises >= 75% of the shapes (measured at seed 0 after 120 steps: 38.7 standard errors, lime 0.4% -> 73.8%,
     class accuracy 89.5% -> 93.8%); summary.json says so, and an independent draw of 256 more agrees."""
-    cfg = tiny_cfg(tmp_path / "run", steps=120)
-    assert cfg.prompt == "a lime shape" and cfg.reward == "clip=1,aesthetic=0.05"
-    result = vg.train(cfg)
+    args = tiny_args(tmp_path / "run", steps=120)
+    assert args.prompt == "a lime shape" and args.reward == "clip=1,aesthetic=0.05"
+    result = vg.train(args)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary == result["summary"] and summary["samples"] == 256
     assert summary["reward_end"] - summary["reward_start"] >= 5 * summary["reward_se"], summary
@@ -771,11 +854,11 @@ def test_tiny_prompt_run_draws_a_colour_the_pretraining_never_showed(tmp_path):
     assert summary["class_accuracy_start"] >= 0.8 and summary["class_accuracy_end"] >= 0.75, summary
     assert summary["components"]["clip"]["gain_in_se"] >= 5, summary  # the CLIP reward alone, unweighted
 
-    vae, start = vg.load_models(cfg, torch.device("cpu"))  # what the run started from, loaded anew
-    judge = vg.load_judge(cfg, torch.device("cpu"))
+    vae, start = vg.load_models(args, torch.device("cpu"))  # what the run started from, loaded anew
+    judge = vg.load_judge(args, torch.device("cpu"))
     labels = torch.arange(256) % start.num_classes
-    reward_fn = vg.build_reward(cfg, torch.device("cpu"))
-    fresh = [vg.sample(m.eval(), vae, labels, range(700, 700 + len(labels)), cfg.cfg, cfg.temperature).image
+    reward_fn = vg.build_reward(args, torch.device("cpu"))
+    fresh = [vg.sample(m.eval(), vae, labels, range(700, 700 + len(labels)), args.cfg, args.temperature).image
              for m in (start, result["var"])]
     rewards = [reward_fn(images)[0] for images in fresh]
     gain, noise = rewards[1].mean() - rewards[0].mean(), math.sqrt(sum(r.var().item() / len(r) for r in rewards))
@@ -790,10 +873,10 @@ def test_tiny_prompt_run_draws_a_colour_the_pretraining_never_showed(tmp_path):
     assert max(r["logprob_gap_max"] for r in result["records"]) < 1e-4  # sampler and trainer agree (fp32, CPU)
     # Catches: a reference policy that drifts with the policy (no copy, or one refreshed during training). The KL
     # logged over the last steps must match KL(final || start) measured afresh with the starting model.
-    s = vg.sample(result["var"], vae, labels[:64], range(300, 364), cfg.cfg, cfg.temperature, return_logprobs=True)
+    s = vg.sample(result["var"], vae, labels[:64], range(300, 364), args.cfg, args.temperature, return_logprobs=True)
     with torch.no_grad():
-        q_BL = (vg.token_logprobs(start, vae, labels[:64], s.tokens, cfg.cfg, cfg.temperature) -
-                vg.token_logprobs(result["var"], vae, labels[:64], s.tokens, cfg.cfg, cfg.temperature))
+        q_BL = (vg.token_logprobs(start, vae, labels[:64], s.tokens, args.cfg, args.temperature) -
+                vg.token_logprobs(result["var"], vae, labels[:64], s.tokens, args.cfg, args.temperature))
     fresh_kl, logged_kl = (q_BL.exp() - q_BL - 1).mean().item(), np.mean([r["kl_ref"] for r in result["records"][-5:]])
     assert fresh_kl > 0.05 and 0.5 < logged_kl / fresh_kl < 2, (fresh_kl, logged_kl)
     run = tmp_path / "run"
@@ -813,9 +896,9 @@ def test_tiny_prompt_run_draws_a_colour_the_pretraining_never_showed(tmp_path):
 def test_resume_continues_exactly(tmp_path):
     kw = dict(classes_per_step=2, group_size=4, minibatches=2, micro_batch=2, eval_every=100, save_every=100,
               summary_samples=0)
-    straight = vg.train(tiny_cfg(tmp_path / "a", steps=4, **kw))["var"]
-    vg.train(tiny_cfg(tmp_path / "b", steps=2, **kw))
-    resumed = vg.train(tiny_cfg(tmp_path / "b", steps=4, resume=True, **kw))["var"]
+    straight = vg.train(tiny_args(tmp_path / "a", steps=4, **kw))["var"]
+    vg.train(tiny_args(tmp_path / "b", steps=2, **kw))
+    resumed = vg.train(tiny_args(tmp_path / "b", steps=4, resume=True, **kw))["var"]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
@@ -824,7 +907,7 @@ def test_resume_continues_exactly(tmp_path):
 
 def short_run(path, **kw):
     """A few --tiny steps without the end-of-run summary and with no evaluation after step 0."""
-    return vg.train(tiny_cfg(path, **{"summary_samples": 0, "eval_every": 1000, "save_every": 1000, **kw}))["records"]
+    return vg.train(tiny_args(path, **{"summary_samples": 0, "eval_every": 1000, "save_every": 1000, **kw}))["records"]
 
 
 def test_groups_share_one_class_and_advantages_stay_within_groups(tmp_path, monkeypatch):
@@ -838,11 +921,11 @@ def test_groups_share_one_class_and_advantages_stay_within_groups(tmp_path, monk
         return real_sample(var, vae, label_B, *args, **kwargs)
 
     def class_reward(images):  # the class id of each rollout image (0 for the evaluation grid)
-        r_B = rollout_labels[-1].float() if rollout_labels and len(rollout_labels[-1]) == len(images) else torch.zeros(len(images))
-        return r_B, {"class": r_B}, images.flatten(1)
+        reward_B = rollout_labels[-1].float() if rollout_labels and len(rollout_labels[-1]) == len(images) else torch.zeros(len(images))
+        return reward_B, {"class": reward_B}, images.flatten(1)
 
     monkeypatch.setattr(vg, "sample", spy)
-    monkeypatch.setattr(vg, "build_reward", lambda cfg, device: class_reward)
+    monkeypatch.setattr(vg, "build_reward", lambda args, device: class_reward)
     records = short_run(tmp_path / "g", steps=3, classes_per_step=4, group_size=3, minibatches=1, micro_batch=6)
     for label_B in rollout_labels:
         assert (label_B.view(4, 3) == label_B.view(4, 3)[:, :1]).all(), label_B  # G consecutive images, one class
@@ -901,14 +984,14 @@ def test_options_adv_norm_token_weight_and_evaluation_guidance(tmp_path, monkeyp
 
 
 def test_a_prompt_that_names_no_toy_colour_runs_and_the_summary_says_so(tmp_path):
-    result = vg.train(tiny_cfg(tmp_path / "c", prompt="ukiyo-e painting", reward="clip=1,aesthetic=0.1", steps=1,
+    result = vg.train(tiny_args(tmp_path / "c", prompt="ukiyo-e painting", reward="clip=1,aesthetic=0.1", steps=1,
                                group_size=2, micro_batch=2, summary_samples=20))
     rec, summary = result["records"][0], result["summary"]
     assert {"clip_mean", "aesthetic_mean"} <= set(rec) and 0 <= rec["diversity"] <= 2
     assert not {"attribute", "attribute_share_start", "attribute_share_end"} & set(summary)
     assert "names no toy colour" in summary["attribute_note"]
     assert sum(summary["colours_end"].values()) == pytest.approx(1) and 0 <= summary["diversity_end"] <= 2
-    two = vg.train(tiny_cfg(tmp_path / "d", prompt="a red or lime shape", steps=1, group_size=2, micro_batch=2,
+    two = vg.train(tiny_args(tmp_path / "d", prompt="a red or lime shape", steps=1, group_size=2, micro_batch=2,
                             summary_samples=4))["summary"]
     assert "attribute" not in two and "names 2 toy colours (red, lime)" in two["attribute_note"]
 
@@ -923,18 +1006,18 @@ def test_a_prompt_that_names_no_toy_colour_runs_and_the_summary_says_so(tmp_path
 ])
 def test_bad_configuration_is_rejected_before_any_work(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
-        vg.train(tiny_cfg(tmp_path / "x", **overrides))
+        vg.train(tiny_args(tmp_path / "x", **overrides))
     assert not (tmp_path / "x" / "checkpoint.pt").exists()
 
 
 def test_resume_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no .*checkpoint.pt"):
-        vg.train(tiny_cfg(tmp_path / "r", resume=True, steps=1))
-    vg.train(tiny_cfg(tmp_path / "r", steps=1, group_size=2, micro_batch=2, summary_samples=0))
+        vg.train(tiny_args(tmp_path / "r", resume=True, steps=1))
+    vg.train(tiny_args(tmp_path / "r", steps=1, group_size=2, micro_batch=2, summary_samples=0))
     with pytest.raises(FileExistsError, match="--resume"):
-        vg.train(tiny_cfg(tmp_path / "r", steps=2, group_size=2, micro_batch=2))
+        vg.train(tiny_args(tmp_path / "r", steps=2, group_size=2, micro_batch=2))
     with pytest.raises(ValueError, match="different settings: --vae-ckpt was '', now 'other.pth'"):
-        vg.train(tiny_cfg(tmp_path / "r", steps=2, group_size=2, micro_batch=2, resume=True, vae_ckpt="other.pth"))
+        vg.train(tiny_args(tmp_path / "r", steps=2, group_size=2, micro_batch=2, resume=True, vae_ckpt="other.pth"))
 
 
 def test_missing_weights_offline_is_a_clear_error(tmp_path, monkeypatch, server):
@@ -970,7 +1053,7 @@ def run_main(argv, monkeypatch):
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the configuration was rejected")
     monkeypatch.setattr(vg, "load_models", no_loading)
-    monkeypatch.setattr(vg, "benchmark", lambda cfg: no_loading() if vg.check_config(cfg) is None else None)
+    monkeypatch.setattr(vg, "benchmark", lambda args: no_loading() if vg.check_config(args) is None else None)
     with pytest.raises(SystemExit) as e:
         vg.main(argv)
     assert isinstance(e.value.code, str) and e.value.code.startswith("error: "), e.value.code
@@ -1045,7 +1128,7 @@ def test_one_run_per_out_directory(tmp_path, monkeypatch):
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     monkeypatch.undo()
-    assert vg.train(tiny_cfg(out, steps=1, group_size=2, micro_batch=2, summary_samples=0))["records"]
+    assert vg.train(tiny_args(out, steps=1, group_size=2, micro_batch=2, summary_samples=0))["records"]
 
 
 def test_a_file_system_without_locks_warns_and_runs(tmp_path, monkeypatch, capsys):
@@ -1058,9 +1141,9 @@ def test_a_file_system_without_locks_warns_and_runs(tmp_path, monkeypatch, capsy
 
 def test_resume_refuses_settings_that_would_not_apply(tmp_path):
     kw = dict(steps=1, group_size=2, micro_batch=2, summary_samples=0)
-    vg.train(tiny_cfg(tmp_path / "r", **kw))
+    vg.train(tiny_args(tmp_path / "r", **kw))
     with pytest.raises(ValueError) as err:
-        vg.train(tiny_cfg(tmp_path / "r", **dict(kw, steps=2, lr=3e-4, group_size=4, classes_per_step=1, seed=5,
+        vg.train(tiny_args(tmp_path / "r", **dict(kw, steps=2, lr=3e-4, group_size=4, classes_per_step=1, seed=5,
                                                  micro_batch=1), resume=True))
     for change in ("--lr was 0.0002, now 0.0003", "--group-size was 2, now 4", "--classes-per-step was 2, now 1",
                    "--seed was 0, now 5", "config.json"):
@@ -1068,7 +1151,7 @@ def test_resume_refuses_settings_that_would_not_apply(tmp_path):
     assert "micro-batch was" not in str(err.value)  # how the machine is used may change
     may_change = ["--" + k.replace("_", "-") for k in vg.RESUME_MAY_CHANGE]
     assert all(flag in vg.field_help()["resume"] for flag in may_change)  # --help says what may change
-    assert vg.train(tiny_cfg(tmp_path / "r", **dict(kw, steps=2, micro_batch=1), resume=True))["records"][-1]["step"] == 1
+    assert vg.train(tiny_args(tmp_path / "r", **dict(kw, steps=2, micro_batch=1), resume=True))["records"][-1]["step"] == 1
 
 
 def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -1112,28 +1195,28 @@ def test_a_run_whose_save_fails_says_so_and_resumes(tmp_path, monkeypatch):
         vg.main(["--tiny", "--out", str(tmp_path), "--steps", "4", "--save-every", "2", "--summary-samples", "0"])
     monkeypatch.undo()
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2
-    assert vg.train(tiny_cfg(tmp_path, steps=4, save_every=2, summary_samples=0, resume=True))["records"][-1]["step"] == 3
+    assert vg.train(tiny_args(tmp_path, steps=4, save_every=2, summary_samples=0, resume=True))["records"][-1]["step"] == 3
 
 
 def test_resume_messages_for_damaged_or_missing_state(tmp_path, capsys):
     kw = dict(group_size=2, micro_batch=2, summary_samples=0)
-    vg.train(tiny_cfg(tmp_path / "a", steps=2, **kw))
+    vg.train(tiny_args(tmp_path / "a", steps=2, **kw))
     metrics = tmp_path / "a" / "metrics.jsonl"
     metrics.write_text(metrics.read_text() + '{"step": 2, "reward_me')  # killed while writing a line
-    assert [r["step"] for r in vg.train(tiny_cfg(tmp_path / "a", steps=3, resume=True, **kw))["records"]] == [0, 1, 2]
+    assert [r["step"] for r in vg.train(tiny_args(tmp_path / "a", steps=3, resume=True, **kw))["records"]] == [0, 1, 2]
     assert f"the last line of {metrics} is incomplete" in capsys.readouterr().err
     lines = metrics.read_text().splitlines()
     metrics.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
     with pytest.raises(ValueError, match=f"{re.escape(str(metrics))}, line 2, is not a JSON record"):
-        vg.train(tiny_cfg(tmp_path / "a", steps=4, resume=True, **kw))
+        vg.train(tiny_args(tmp_path / "a", steps=4, resume=True, **kw))
     ckpt = tmp_path / "a" / "checkpoint.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:1000])  # truncated
     with pytest.raises(ValueError, match=f"--resume: {re.escape(str(ckpt))} cannot be read .*damaged"):
-        vg.train(tiny_cfg(tmp_path / "a", steps=4, resume=True, **kw))
+        vg.train(tiny_args(tmp_path / "a", steps=4, resume=True, **kw))
     (tmp_path / "b").mkdir()  # a run killed before its first checkpoint, after logging 3 steps
     (tmp_path / "b" / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1}\n{"step": 2}\n')
     with pytest.raises(FileNotFoundError, match="logged 3 step.*before its first checkpoint.*without --resume"):
-        vg.train(tiny_cfg(tmp_path / "b", steps=4, resume=True, **kw))
+        vg.train(tiny_args(tmp_path / "b", steps=4, resume=True, **kw))
 
 
 def test_a_non_finite_gradient_stops_before_it_reaches_the_weights(tmp_path, monkeypatch):
@@ -1191,8 +1274,8 @@ def test_lora_starts_as_the_base_model_and_its_merged_export_is_the_adapted_mode
     assert (logprobs(adapted) - adapted_logp).abs().max() == 0  # and back on afterwards
 
     torch.save(var.state_dict(), tmp_path / "base.pth")  # what export_state_dict merges onto, read from disk
-    cfg = vg.RunConfig(tiny=True, var_ckpt=str(tmp_path / "base.pth"), lora_rank=4)
-    merged = vg.export_state_dict(adapted, cfg)
+    args = vg.RunConfig(tiny=True, var_ckpt=str(tmp_path / "base.pth"), lora_rank=4)
+    merged = vg.export_state_dict(adapted, args)
     assert set(merged) == set(var.state_dict())  # the official keys, no adapter keys
     plain = vg.load_weights(meta_var(vg.TOY_DEPTH), save(merged, tmp_path / "merged.pth"))
     torch.testing.assert_close(logprobs(plain), adapted_logp, atol=1e-5, rtol=0)
@@ -1209,7 +1292,7 @@ def test_tiny_lora_run_learns_resumes_and_exports(tmp_path):
     adapters, a resumed run ends where an uninterrupted one does, and var_final.pth loads as a plain VAR that draws
     what the adapted policy draws."""
     kw = dict(lora_rank=4, beta=0.05, reward="redness=1")
-    result = vg.train(tiny_cfg(tmp_path / "run", steps=50, eval_every=50, **kw))
+    result = vg.train(tiny_args(tmp_path / "run", steps=50, eval_every=50, **kw))
     summary = result["summary"]
     assert summary["reward_end"] - summary["reward_start"] >= 5 * summary["reward_se"], summary
     assert summary["class_accuracy_end"] >= 0.8, summary
@@ -1222,13 +1305,13 @@ def test_tiny_lora_run_learns_resumes_and_exports(tmp_path):
 
     short = dict(kw, classes_per_step=2, group_size=4, minibatches=2, micro_batch=2, eval_every=100, save_every=100,
                  summary_samples=0)
-    straight = vg.train(tiny_cfg(tmp_path / "a", steps=4, **short))["var"]
-    vg.train(tiny_cfg(tmp_path / "b", steps=2, **short))
-    resumed = vg.train(tiny_cfg(tmp_path / "b", steps=4, resume=True, **short))["var"]
+    straight = vg.train(tiny_args(tmp_path / "a", steps=4, **short))["var"]
+    vg.train(tiny_args(tmp_path / "b", steps=2, **short))
+    resumed = vg.train(tiny_args(tmp_path / "b", steps=4, resume=True, **short))["var"]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="--lora-rank was 4, now 8"):
-        vg.train(tiny_cfg(tmp_path / "b", steps=6, resume=True, **dict(short, lora_rank=8)))
+        vg.train(tiny_args(tmp_path / "b", steps=6, resume=True, **dict(short, lora_rank=8)))
 
 
 def test_sampler_graphs_only_for_the_rollout_batch_and_never_with_adapters_off(tiny, monkeypatch):
@@ -1406,7 +1489,7 @@ def test_out_of_memory_says_what_to_lower_and_keeps_checkpoints(tmp_path, monkey
 
     monkeypatch.setattr(vg, "token_logprobs", token_logprobs_then_oom)
     with pytest.raises(torch.cuda.OutOfMemoryError, match="Lower --micro-batch.*kept"):
-        vg.train(tiny_cfg(tmp_path / "oom", steps=5, save_every=1, eval_every=100))
+        vg.train(tiny_args(tmp_path / "oom", steps=5, save_every=1, eval_every=100))
     assert torch.load(tmp_path / "oom" / "checkpoint.pt", map_location="cpu", weights_only=True)["step"] == 2
 
 
@@ -1426,11 +1509,11 @@ class Planted:
 def test_a_planted_checkpoint_or_weight_file_runs_no_code(tmp_path):
     marker = tmp_path / "ran"
     run = tmp_path / "run"
-    vg.train(tiny_cfg(run, steps=1, group_size=2, micro_batch=2, summary_samples=0))
+    vg.train(tiny_args(run, steps=1, group_size=2, micro_batch=2, summary_samples=0))
     ck = torch.load(run / "checkpoint.pt", weights_only=True)  # the tool's own checkpoint loads safely as it is
     torch.save(dict(ck, payload=Planted(marker)), run / "checkpoint.pt")
     with pytest.raises(ValueError, match=r"refuses to unpickle.*could run code"):
-        vg.train(tiny_cfg(run, steps=2, group_size=2, micro_batch=2, summary_samples=0, resume=True))
+        vg.train(tiny_args(run, steps=2, group_size=2, micro_batch=2, summary_samples=0, resume=True))
     torch.save({"w": Planted(marker)}, tmp_path / "var.pth")
     with pytest.raises(vg.WeightsError, match="nothing in it was run"):
         vg.load_models(vg.RunConfig(tiny=True, var_ckpt=str(tmp_path / "var.pth")), torch.device("cpu"))
@@ -1501,7 +1584,7 @@ def test_sighup_is_caught_like_ctrl_c_and_the_handlers_are_put_back():
 
 def test_a_run_from_another_thread_runs_without_signal_handlers(tmp_path):
     result = {}
-    thread = threading.Thread(target=lambda: result.update(vg.train(tiny_cfg(
+    thread = threading.Thread(target=lambda: result.update(vg.train(tiny_args(
         tmp_path, steps=1, group_size=2, micro_batch=2, summary_samples=0))))
     thread.start()
     thread.join(timeout=120)
@@ -1512,7 +1595,7 @@ def test_a_new_run_refuses_an_out_with_another_runs_files(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n')
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileExistsError, match=r"holds another run's files \(config.json, metrics.jsonl\).*another --out"):
-        vg.train(tiny_cfg(tmp_path, steps=1))
+        vg.train(tiny_args(tmp_path, steps=1))
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 0}\n'  # untouched
 
 
@@ -1520,17 +1603,17 @@ def test_the_export_and_summary_do_not_depend_on_the_pictures(tmp_path, monkeypa
     def broken(*args, **kwargs):
         raise ValueError("image too large")
     monkeypatch.setattr(vg, "save_before_after", broken)
-    vg.train(tiny_cfg(tmp_path, steps=1, group_size=2, micro_batch=2, summary_samples=2, num_eval=2))
+    vg.train(tiny_args(tmp_path, steps=1, group_size=2, micro_batch=2, summary_samples=2, num_eval=2))
     assert (tmp_path / "var_final.pth").exists() and (tmp_path / "summary.json").exists()
     assert "a picture could not be drawn (ValueError: image too large)" in capsys.readouterr().err
 
 
 def test_resume_refuses_steps_below_the_checkpoint(tmp_path):
     kw = dict(group_size=2, micro_batch=2, summary_samples=0)
-    vg.train(tiny_cfg(tmp_path, steps=3, **kw))
+    vg.train(tiny_args(tmp_path, steps=3, **kw))
     config = (tmp_path / "config.json").read_text()
     with pytest.raises(ValueError, match=r"--resume --steps 2: .* already at step 3.*give --steps 3 or more"):
-        vg.train(tiny_cfg(tmp_path, steps=2, resume=True, **kw))
+        vg.train(tiny_args(tmp_path, steps=2, resume=True, **kw))
     assert (tmp_path / "config.json").read_text() == config  # nothing rewritten
 
 
@@ -1538,12 +1621,12 @@ def test_a_changed_base_is_refused_on_resume_and_at_the_lora_merge(tmp_path):
     base = tmp_path / "var.pth"
     base.write_bytes((vg.TOY_DIR / "var.pth").read_bytes())
     kw = dict(group_size=2, micro_batch=2, summary_samples=0, var_ckpt=str(base), lora_rank=2)
-    vg.train(tiny_cfg(tmp_path / "run", steps=1, **kw))
+    vg.train(tiny_args(tmp_path / "run", steps=1, **kw))
     sd = torch.load(base, weights_only=True)
     sd["head.bias"] = sd["head.bias"] + 0.5  # someone replaced the base file
     torch.save(sd, base)
     with pytest.raises(vg.WeightsError, match=r"base weights changed since the checkpoint was written: .*var.pth"):
-        vg.train(tiny_cfg(tmp_path / "run", steps=2, resume=True, **kw))
+        vg.train(tiny_args(tmp_path / "run", steps=2, resume=True, **kw))
     vae, var = vg.load_models(vg.RunConfig(tiny=True, var_ckpt=str(base)), torch.device("cpu"))
     var = vg.add_lora(var, 2)
     var.base_sha256 = {"var": "0" * 64}  # what the run started from was another file
@@ -1560,7 +1643,7 @@ def test_a_changed_base_is_refused_on_resume_and_at_the_lora_merge(tmp_path):
 ])
 def test_malformed_resume_inputs_give_one_message_before_anything_loads(tmp_path, monkeypatch, damage, message):
     kw = dict(group_size=2, micro_batch=2, summary_samples=0)
-    vg.train(tiny_cfg(tmp_path, steps=1, **kw))
+    vg.train(tiny_args(tmp_path, steps=1, **kw))
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     if damage == "metrics_list":
         (tmp_path / "metrics.jsonl").write_text("[1, 2]\n")
@@ -1576,7 +1659,7 @@ def test_malformed_resume_inputs_give_one_message_before_anything_loads(tmp_path
     files = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     monkeypatch.setattr(vg, "load_models", lambda *a: pytest.fail("a model was loaded"))
     with pytest.raises(ValueError, match=message):
-        vg.train(tiny_cfg(tmp_path, steps=2, resume=True, **kw))
+        vg.train(tiny_args(tmp_path, steps=2, resume=True, **kw))
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == files
 
 
@@ -1608,7 +1691,7 @@ def test_cpu_out_of_memory_says_what_to_lower_and_what_is_kept(tmp_path, monkeyp
 
 def test_summary_json_is_strict_json_and_the_printout_matches_it(tmp_path, capsys):
     """One fresh sample has no variance: its standard errors are NaN, written as null, printed as n/a."""
-    result = vg.train(tiny_cfg(tmp_path, steps=1, group_size=2, micro_batch=2, summary_samples=1, num_eval=2))
+    result = vg.train(tiny_args(tmp_path, steps=1, group_size=2, micro_batch=2, summary_samples=1, num_eval=2))
     text = (tmp_path / "summary.json").read_text()
     summary = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
     assert summary == result["summary"] and summary["reward_se"] is None and summary["reward_gain_in_se"] is None
@@ -1627,7 +1710,7 @@ def test_summary_classes_are_spread_and_heldout_classes_are_never_trained_on(tmp
     drawn, real_step = [], vg.grpo_step
     monkeypatch.setattr(vg, "grpo_step", lambda policy, vae, reward_fn, opt, label_B, *a: drawn.append(label_B)
                         or real_step(policy, vae, reward_fn, opt, label_B, *a))
-    summary = vg.train(tiny_cfg(tmp_path, steps=6, heldout_classes="8,9", group_size=2, micro_batch=2,
+    summary = vg.train(tiny_args(tmp_path, steps=6, heldout_classes="8,9", group_size=2, micro_batch=2,
                                 classes_per_step=4, summary_samples=8, num_eval=2))["summary"]
     assert not {8, 9} & set(torch.cat(drawn).tolist())
     assert summary["heldout"]["classes"] == [8, 9] and summary["heldout"]["samples"] == 8

@@ -189,7 +189,6 @@ class Phi(nn.Conv2d):
 
 class MultiScaleQuantizer(nn.Module):
     """Residual quantisation over the scales patch_nums (official VectorQuantizer2, inference parts only).
-
     Why bicubic up and area down: a token map r_k lives at h_k x h_k but explains part of the full h x h latent,
     so its embedding is upsampled smoothly (bicubic) before phi; the quantity to explain at the next scale is
     the residual averaged over each coarse cell (area), the least-squares best h_k x h_k summary of it.
@@ -266,9 +265,8 @@ class MultiScaleQuantizer(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------
 # Transformer, step 2: VAR (VAR paper sec. 3.2 and 4, official models/var.py, basic_var.py). A GPT-2-like decoder
-# whose layer norms are modulated by the class embedding (AdaLN), run over the 680 tokens of all scales at once.
-# The block-causal mask lets every token of scale k see all tokens of scales <= k (coarser scales plus its own
-# scale's inputs), never a finer scale: scale k's tokens are predicted in parallel from everything coarser.
+# whose layer norms are modulated by the class embedding (AdaLN), run over the 680 tokens of all scales at once. Its
+# block-causal mask lets a token of scale k see the tokens of scales <= k, never a finer one.
 # ----------------------------------------------------------------------------------------------------------
 
 class KVCache:
@@ -387,17 +385,17 @@ class VAR(nn.Module):
         self.register_buffer("attn_bias_for_masking", torch.where(
             lvl_L.view(-1, 1) >= lvl_L.view(1, -1), 0.0, -torch.inf).view(1, 1, self.L, self.L))
 
-    def token_inputs(self, cond_BC, f_BxCv, start: int):
-        """The transformer's input vectors for the x tokens from index `start` on, the one place they are built: at start
-        0 the first scale's start token (class embedding cond_BC + pos_start), then word_embed of the f_hat features
-        f_BxCv (None: none), each plus its position and scale embeddings. In fp32, as the official code. (B, x, C)"""
+    def token_inputs(self, cond_BC, f_BlCv, start: int):
+        """The transformer's inputs for l tokens from index `start` on (all L, or one scale's when sampling), the one
+        place they are built: at start 0 the first scale's start token (class embedding cond_BC + pos_start), then the
+        f_hat features f_BlCv through word_embed, each plus its position and scale embeddings, in fp32. (B, l, C)"""
         with torch.autocast(self.pos_1LC.device.type, enabled=False):
             parts = [cond_BC.unsqueeze(1) + self.pos_start] if start == 0 else []
-            if f_BxCv is not None:
-                parts.append(self.word_embed(f_BxCv.float()))
-            x_BxC = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-            B, end = x_BxC.shape[0], start + x_BxC.shape[1]
-            return x_BxC + (self.lvl_embed(self.lvl_1L[:, start:end].expand(B, -1)) + self.pos_1LC[:, start:end])
+            if f_BlCv is not None:
+                parts.append(self.word_embed(f_BlCv.float()))
+            x_BlC = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+            B, end = x_BlC.shape[0], start + x_BlC.shape[1]
+            return x_BlC + (self.lvl_embed(self.lvl_1L[:, start:end].expand(B, -1)) + self.pos_1LC[:, start:end])
 
     def logits(self, x, cond_BC):
         return self.head(self.head_nm(x.float(), cond_BC).float()).float()
@@ -438,17 +436,17 @@ def guidance_per_token(var: VAR, cfg: float):
     return ramp[var.lvl_1L[0]].unsqueeze(-1)
 
 
-def guide(logits_2BxV, s_x1, temperature: float):
-    """Step 3's distribution, as logits, for x tokens: z = ((1 + s) z(c) - s z(null)) / temperature, from the logits of
-    both CFG branches (the B rows of the classes first, then the B of the null class; s_x1 None: the B rows of the
-    classes alone, unguided). Both the sampler and the teacher-forced pass (token_logprobs) call it. s_x1: (x, 1) in
-    float64, rounded to fp32 as the official code's Python floats are, so that both agree bit for bit. (B, x, V)"""
-    if s_x1 is None:
-        z_BxV = logits_2BxV
+def guide(logits_2BlV, s_l1, temperature: float):
+    """Step 3's distribution, as logits: z = ((1 + s) z(c) - s z(null)) / temperature, from the logits of both CFG
+    branches (the B rows of the classes first, then the B of the null class; s_l1 None: the classes' B rows alone,
+    unguided). The sampler calls it for one scale's l tokens, the teacher-forced pass (token_logprobs) for all L.
+    s_l1: (l, 1) in float64, rounded to fp32 as the official code's Python floats are, so that both agree bit for bit."""
+    if s_l1 is None:
+        z_BlV = logits_2BlV
     else:
-        B = len(logits_2BxV) // 2
-        z_BxV = (1 + s_x1).float() * logits_2BxV[:B] - s_x1.float() * logits_2BxV[B:]
-    return z_BxV if temperature == 1.0 else z_BxV / temperature
+        B = len(logits_2BlV) // 2
+        z_BlV = (1 + s_l1).float() * logits_2BlV[:B] - s_l1.float() * logits_2BlV[B:]
+    return z_BlV if temperature == 1.0 else z_BlV / temperature
 
 
 def seed_of(*key) -> int:
@@ -922,13 +920,13 @@ def _download_locked(url: str, dest: Path, part: Path, manual: str, attempts: in
             print(f"download of {dest.name} interrupted ({e}); resuming", file=sys.stderr)
             continue
         if expected_sha is not None:
-            h = hashlib.sha256()
+            hasher = hashlib.sha256()
             with open(part, "rb") as f:
                 for block in iter(lambda: f.read(1 << 24), b""):
-                    h.update(block)
-            if h.hexdigest() != expected_sha:
+                    hasher.update(block)
+            if hasher.hexdigest() != expected_sha:
                 part.unlink()  # corrupt: never let it become the cached file, and don't resume from it
-                raise WeightsError(f"Downloaded {url} but its sha256 is {h.hexdigest()}, not {expected_sha} as the "
+                raise WeightsError(f"Downloaded {url} but its sha256 is {hasher.hexdigest()}, not {expected_sha} as the "
                                    f"server reports: the file is corrupt and was deleted. Run again, or: {manual}")
         os.replace(part, dest)
         return dest
@@ -1025,11 +1023,11 @@ def file_sha256(path: Path) -> str:
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _sha256_of:
-        h = hashlib.sha256()
+        hasher = hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-        _sha256_of[key] = h.hexdigest()
+                hasher.update(block)
+        _sha256_of[key] = hasher.hexdigest()
     return _sha256_of[key]
 
 
@@ -1591,8 +1589,8 @@ def filter_top_k_top_p(logits_BlV, top_k: int = 0, top_p: float = 0.0):
     """Set to -inf every logit outside the top-k, and outside the smallest set holding top_p of the probability.
     Same rule as the official sample_with_top_k_top_p_, not in place."""
     if 0 < top_k < logits_BlV.shape[-1]:  # top-k >= V keeps every token
-        kth_BlV = logits_BlV.topk(top_k, dim=-1, sorted=False)[0].amin(dim=-1, keepdim=True)
-        logits_BlV = logits_BlV.masked_fill(logits_BlV < kth_BlV, -torch.inf)
+        cutoff_Bl1 = logits_BlV.topk(top_k, dim=-1, sorted=False)[0].amin(dim=-1, keepdim=True)
+        logits_BlV = logits_BlV.masked_fill(logits_BlV < cutoff_Bl1, -torch.inf)
     if top_p > 0:
         sorted_BlV, order_BlV = logits_BlV.sort(dim=-1)
         drop_sorted = sorted_BlV.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
@@ -1747,15 +1745,15 @@ class ClipClassJudge(nn.Module):
             texts = [template(name) for name in class_names for template in templates]
             emb = torch.cat([self.clip.encode_text(tokenizer(texts[i:i + 1000]).to(device)).float()
                              for i in range(0, len(texts), 1000)])
-            emb_NTD = F.normalize(emb, dim=-1).view(len(class_names), len(templates), -1)
-            self.register_buffer("class_emb_ND", F.normalize(emb_NTD.mean(1), dim=-1))
+            per_template = F.normalize(emb, dim=-1).view(len(class_names), len(templates), -1)  # (classes, templates, D)
+            self.register_buffer("class_emb", F.normalize(per_template.mean(1), dim=-1))  # (classes, D)
 
     @torch.no_grad()
     def forward(self, images_B3HW):
         """Class scores (B, num_classes) of images in [0, 1]."""
         with autocast(images_B3HW.device):
             features_BD = F.normalize(self.clip.encode_image(clip_input(self.clip, images_B3HW)).float(), dim=-1)
-        return features_BD @ self.class_emb_ND.T
+        return features_BD @ self.class_emb.T
 
 
 # The toy world's colours (RGB): the 8 of the palette that VAR is pretrained on (hues 0, 30, 60, 120, 180, 240, 270
@@ -1774,8 +1772,8 @@ def toy_colour_of(images_B3HW, within: float = 0.2):
     distance; drawn shapes: 99.7% right, their VQ-VAE reconstructions: 94%). (B,)"""
     inner_B1HW = shape_mask(images_B3HW) >= 0.999
     colour_B3 = images_B3HW.float().masked_fill(~inner_B1HW, float("nan")).flatten(2).nanmedian(dim=2).values
-    distance_BN = torch.cdist(colour_B3, torch.tensor(list(TOY_COLOURS.values()), device=images_B3HW.device))
-    return torch.where(distance_BN.min(1).values <= within, distance_BN.argmin(1), len(TOY_COLOURS))
+    distance = torch.cdist(colour_B3, torch.tensor(list(TOY_COLOURS.values()), device=images_B3HW.device))  # (B, colours)
+    return torch.where(distance.min(1).values <= within, distance.argmin(1), len(TOY_COLOURS))
 
 
 def prompt_colours(prompt: str) -> List[str]:
@@ -2641,10 +2639,10 @@ class ResnetBlock(nn.Module):
         self.norm2, self.conv2 = group_norm(c_out, norm_groups), nn.Conv2d(c_out, c_out, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
-    def forward(self, x_BChw):
-        y_BChw = self.conv1(F.silu(self.norm1(x_BChw), inplace=True))
-        y_BChw = self.conv2(F.silu(self.norm2(y_BChw), inplace=True))
-        return self.nin_shortcut(x_BChw) + y_BChw
+    def forward(self, x):  # x: (B, channels, h, w), as every feature map of this section
+        y = self.conv1(F.silu(self.norm1(x), inplace=True))
+        y = self.conv2(F.silu(self.norm2(y), inplace=True))
+        return self.nin_shortcut(x) + y
 
 
 class AttnBlock(nn.Module):
@@ -2654,11 +2652,11 @@ class AttnBlock(nn.Module):
         c = channels
         self.norm, self.qkv, self.proj_out = group_norm(c, norm_groups), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
 
-    def forward(self, x_BChw):
-        B, C, h, w = x_BChw.shape
-        q, k, v = self.qkv(self.norm(x_BChw)).reshape(B, 3, 1, C, h * w).transpose(-1, -2).unbind(1)  # (B, 1, hw, C)
-        out = F.scaled_dot_product_attention(q, k, v)  # the official code does the same softmax(qk/sqrt(C))v with bmm
-        return x_BChw + self.proj_out(out.transpose(-1, -2).reshape(B, C, h, w))
+    def forward(self, x):
+        B, ch, h, w = x.shape
+        query, key, value = self.qkv(self.norm(x)).reshape(B, 3, 1, ch, h * w).transpose(-1, -2).unbind(1)  # (B, 1, hw, ch)
+        out = F.scaled_dot_product_attention(query, key, value)  # the official code: softmax(query key / sqrt(ch)) value
+        return x + self.proj_out(out.transpose(-1, -2).reshape(B, ch, h, w))
 
 
 class Resample(nn.Module):
@@ -2692,14 +2690,14 @@ class Encoder(nn.Module):
         self.mid.block_2 = ResnetBlock(c_in, c_in, norm_groups)
         self.norm_out, self.conv_out = group_norm(c_in, norm_groups), nn.Conv2d(c_in, z_channels, 3, padding=1)
 
-    def forward(self, x_B3HW):
-        x_BChw = self.conv_in(x_B3HW)
+    def forward(self, img_B3HW):
+        x = self.conv_in(img_B3HW)
         for stage in self.down:
-            x_BChw = run_level(stage, x_BChw)
+            x = run_level(stage, x)
             if hasattr(stage, "downsample"):
-                x_BChw = stage.downsample(x_BChw)
-        x_BChw = self.mid.block_2(self.mid.attn_1(self.mid.block_1(x_BChw)))
-        return self.conv_out(F.silu(self.norm_out(x_BChw), inplace=True))
+                x = stage.downsample(x)
+        x = self.mid.block_2(self.mid.attn_1(self.mid.block_1(x)))
+        return self.conv_out(F.silu(self.norm_out(x), inplace=True))
 
 
 class Decoder(nn.Module):
@@ -2724,22 +2722,22 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(stages)
         self.norm_out, self.conv_out = group_norm(c_in, norm_groups), nn.Conv2d(c_in, 3, 3, padding=1)
 
-    def forward(self, z_BChw):
-        x_BChw = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z_BChw))))
+    def forward(self, f_BCvhw):
+        x = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(f_BCvhw))))
         for stage in reversed(self.up):
-            x_BChw = run_level(stage, x_BChw)
+            x = run_level(stage, x)
             if hasattr(stage, "upsample"):
-                x_BChw = stage.upsample(x_BChw)
-        return self.conv_out(F.silu(self.norm_out(x_BChw), inplace=True))
+                x = stage.upsample(x)
+        return self.conv_out(F.silu(self.norm_out(x), inplace=True))
 
 
-def run_level(stage: nn.Module, x_BChw):
+def run_level(stage: nn.Module, x):
     """One resolution level of the encoder or decoder: its res-blocks, each followed by its attention if it has any."""
     for i, block in enumerate(stage.block):
-        x_BChw = block(x_BChw)
+        x = block(x)
         if len(stage.attn):
-            x_BChw = stage.attn[i](x_BChw)
-    return x_BChw
+            x = stage.attn[i](x)
+    return x
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2768,8 +2766,8 @@ class Ranks:
 
     def share(self, n: int) -> slice:
         """This process's consecutive 1/N of n items; for the P*G images of a step, P/N whole groups."""
-        k = n // self.world
-        return slice(self.rank * k, (self.rank + 1) * k)
+        part = n // self.world
+        return slice(self.rank * part, (self.rank + 1) * part)
 
     def gather(self, x):
         """x (a tensor, a Rollout, or lists and dicts of them; None stays None) of every process, concatenated along

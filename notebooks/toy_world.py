@@ -116,12 +116,12 @@ def draw(label_B, generator: torch.Generator, colour_B=None, broad: bool = False
     grid = (torch.arange(n) + 0.5) / supersample  # sub-pixel centres, in pixels
     u = (grid.view(1, 1, n) - cx.view(B, 1, 1)) / radius.view(B, 1, 1)
     v = (grid.view(1, n, 1) - cy.view(B, 1, 1)) / radius.view(B, 1, 1)
-    mask_BNN = torch.zeros(B, n, n)
+    mask_fine = torch.zeros(B, n, n)  # the shape at supersample x the resolution
     for c, shape in enumerate(SHAPES):
         rows = label_B == c
         if rows.any():
-            mask_BNN[rows] = inside(shape, u[rows].expand(-1, n, n), v[rows].expand(-1, n, n)).float()
-    mask_B1HW = F.avg_pool2d(mask_BNN.unsqueeze(1), supersample)
+            mask_fine[rows] = inside(shape, u[rows].expand(-1, n, n), v[rows].expand(-1, n, n)).float()
+    mask_B1HW = F.avg_pool2d(mask_fine.unsqueeze(1), supersample)
     images = BACKGROUND * (1 - mask_B1HW) + COLOURS_RGB[colour].view(B, 3, 1, 1) * mask_B1HW
     return images, dict(label=label_B, radius=radius, cx=cx, cy=cy, colour=colour, area=mask_B1HW.mean((1, 2, 3)))
 
@@ -173,19 +173,19 @@ def accuracy(judge, images_B3HW, label_B) -> float:
 # tokenizer is not known to need it).
 # ----------------------------------------------------------------------------------------------------------
 
-def quantize_for_training(quant: vg.MultiScaleQuantizer, f_BChw, commitment: float = 0.25):
+def quantize_for_training(quant: vg.MultiScaleQuantizer, f_BCvhw, commitment: float = 0.25):
     """f_st (straight-through f_hat), the VQ loss, and how often each code was chosen. (B, C, h, w), (), (V,)"""
-    f_rest, f_hat = f_BChw.detach().clone(), torch.zeros_like(f_BChw)
+    f_rest, f_hat = f_BCvhw.detach().clone(), torch.zeros_like(f_BCvhw)
     hits_V = torch.zeros(quant.embedding.num_embeddings)
     vq_loss = 0.0
     for si in range(len(quant.patch_nums)):
         idx_Bl = quant.nearest_tokens(f_rest, si)                    # argmin: no gradient
-        h_BChw = quant.scale_contribution(si, idx_Bl)                # gradient to the codebook and phi_si
-        f_hat = f_hat + h_BChw
-        f_rest = f_rest - h_BChw.detach()
+        e_BCvhw = quant.scale_contribution(si, idx_Bl)                # gradient to the codebook and phi_si
+        f_hat = f_hat + e_BCvhw
+        f_rest = f_rest - e_BCvhw.detach()
         hits_V += idx_Bl.flatten().bincount(minlength=len(hits_V))
-        vq_loss = vq_loss + F.mse_loss(f_hat, f_BChw.detach()) + commitment * F.mse_loss(f_hat.detach(), f_BChw)
-    return f_BChw + (f_hat - f_BChw).detach(), vq_loss / len(quant.patch_nums), hits_V
+        vq_loss = vq_loss + F.mse_loss(f_hat, f_BCvhw.detach()) + commitment * F.mse_loss(f_hat.detach(), f_BCvhw)
+    return f_BCvhw + (f_hat - f_BCvhw).detach(), vq_loss / len(quant.patch_nums), hits_V
 
 
 def train_vae(steps: int, generator: torch.Generator, batch: int = 8, lr: float = 2e-3, log=print):
@@ -199,8 +199,8 @@ def train_vae(steps: int, generator: torch.Generator, batch: int = 8, lr: float 
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         _, images = draw_batch(batch, generator, broad=True)  # the tokenizer must express every colour CLIP knows
         x_B3HW = images * 2 - 1                                       # the VQ-VAE works in [-1, 1]
-        f_BChw = vae.quant_conv(vae.encoder(x_B3HW))
-        f_st, vq_loss, hits = quantize_for_training(vae.quantize, f_BChw)
+        f_BCvhw = vae.quant_conv(vae.encoder(x_B3HW))
+        f_st, vq_loss, hits = quantize_for_training(vae.quantize, f_BCvhw)
         recon = vae.decoder(vae.post_quant_conv(f_st))
         rec_loss = F.mse_loss(recon, x_B3HW)
         opt.zero_grad(); (rec_loss + vq_loss).backward(); opt.step()
@@ -209,9 +209,9 @@ def train_vae(steps: int, generator: torch.Generator, batch: int = 8, lr: float 
         if (step + 1) % 100 == 0 and step < 0.8 * steps:  # re-seed dead codes, not in the last 20% of training
             dead = (hits_V == 0).nonzero().squeeze(1)
             if len(dead):
-                pool_NC = f_BChw.detach().permute(0, 2, 3, 1).reshape(-1, f_BChw.shape[1])
-                pick = torch.randint(len(pool_NC), (len(dead),), generator=generator)
-                vae.quantize.embedding.weight.data[dead] = pool_NC[pick]
+                latent_cells = f_BCvhw.detach().permute(0, 2, 3, 1).reshape(-1, f_BCvhw.shape[1])
+                pick = torch.randint(len(latent_cells), (len(dead),), generator=generator)
+                vae.quantize.embedding.weight.data[dead] = latent_cells[pick]
             hits_V.zero_()
         if step % 500 == 0 or step == steps - 1:
             psnr = 10 * math.log10(4 / rec_loss.item())  # images span 2 in [-1, 1]
@@ -263,10 +263,10 @@ def train_var(vae: vg.VQVAE, steps: int, generator: torch.Generator, batch: int 
         label_B, images = draw_batch(batch, generator)
         with torch.no_grad():
             tokens = vae.img_to_tokens(images * 2 - 1)
-            x_BMCv = vae.quantize.tokens_to_var_input(tokens)
+            f_BMCv = vae.quantize.tokens_to_var_input(tokens)
         dropped = torch.rand(batch, generator=generator) < class_dropout
         cond_B = torch.where(dropped, var.num_classes, label_B)     # the null class, as in sampling's CFG branch
-        logits_BLV = var(cond_B, x_BMCv)
+        logits_BLV = var(cond_B, f_BMCv)
         loss = F.cross_entropy(logits_BLV.flatten(0, 1), torch.cat(tokens, 1).flatten())
         opt.zero_grad(); loss.backward()
         torch.nn.utils.clip_grad_norm_(var.parameters(), 2.0)
