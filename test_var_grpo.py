@@ -1411,6 +1411,20 @@ def test_notebook_is_stored_run_top_to_bottom(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_prose_states_only_figures_its_code_printed(path):
+    """Prose cannot drift from the outputs beside it: every measured figure the text states (a percentage with a
+    decimal, like 39.8%) stands in the notebook's stored outputs. (Qualitative claims are held by asserts in the
+    cells that show them, which test_notebook_runs_on_cpu executes.)"""
+    _, nbformat = notebook_modules()
+    nb = nbformat.read(path, as_version=4)
+    printed = "".join(o.get("text", "") + "".join(o.get("data", {}).get("text/plain", ""))
+                      for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    stated = {m for c in nb.cells if c.cell_type == "markdown" for m in re.findall(r"\d+\.\d+%", c.source)}
+    missing = [figure for figure in sorted(stated) if figure not in printed]
+    assert not missing, f"{path.name}: figures in the text that no output prints: {missing}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_on_cpu(path, tmp_path, monkeypatch):
     nbclient, nbformat = notebook_modules()
     monkeypatch.setenv("VAR_GRPO_CACHE", str(tmp_path / "empty-cache"))  # no official weights: the toy world

@@ -832,7 +832,58 @@ def cache_dir(args: Config) -> Path:
     return Path(args.cache_dir or os.environ.get("VAR_GRPO_CACHE") or Path.home() / ".cache" / "var_grpo")
 
 
-def _reported_sha256(response: requests.Response) -> Optional[str]:
+def download(url: str, dest: Path, attempts: int = 3, timeout: float = 30.0) -> Path:
+    """Download url to dest unless dest exists. Bytes stream into dest.part, which survives an interruption and is
+    resumed with an HTTP Range request; dest appears only once the file is complete and its sha256 is the one the
+    server reports. Processes sharing the cache take turns through dest.lock: the second finds the file complete."""
+    dest, part = Path(dest), Path(str(dest) + ".part")
+    manual = (f"You can download it by hand (e.g. in a browser) and save it as {dest}, "
+              f"or pass its local path with --vae-ckpt / --var-ckpt / --clip-ckpt / --aesthetic-ckpt.")
+    if dest.exists():
+        return dest
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise WeightsError(f"{dest.name} is not in the cache ({dest}) and HF_HUB_OFFLINE is set, so it is not "
+                           f"downloaded from {url}. {manual}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    waiting = lambda f: print(f"another process is downloading {dest.name}; waiting for it", file=sys.stderr)
+    with file_lock(Path(str(dest) + ".lock"), waiting):
+        from tqdm import tqdm
+        for attempt in range(attempts):
+            if dest.exists():  # (another process finished it)
+                return dest
+            have = part.stat().st_size if part.exists() else 0
+            try:
+                with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True, timeout=timeout) as r:
+                    expected_sha = reported_sha256(r)
+                    if r.status_code not in (200, 206, 416):  # 416: the .part already holds the whole file
+                        raise WeightsError(f"Downloading {url} failed: HTTP {r.status_code} {r.reason}. {manual}")
+                    if r.status_code != 416:
+                        have = 0 if r.status_code == 200 else have  # 200: the server ignored Range, start over
+                        size = r.headers.get("Content-Length")
+                        total = have + int(size) if size is not None else None
+                        with open(part, "ab" if have else "wb") as f, tqdm(
+                                total=total, initial=have, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar:
+                            for chunk in r.iter_content(chunk_size=1 << 16):  # small reads: little is lost if cut
+                                f.write(chunk)
+                                bar.update(len(chunk))
+                        if total is not None and part.stat().st_size < total:
+                            raise requests.ConnectionError(f"connection closed at {part.stat().st_size} of {total} bytes")
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+                if attempt < attempts - 1:
+                    print(f"download of {dest.name} interrupted ({e}); resuming", file=sys.stderr)
+                    continue
+                have = part.stat().st_size if part.exists() else 0
+                kept = f"{have} bytes are kept in {part} and the next run resumes from there" if have else "nothing was downloaded"
+                raise WeightsError(f"Downloading {url} failed after {attempts} attempts ({e}); {kept}. {manual}") from e
+            if expected_sha is not None and file_sha256(part) != expected_sha:
+                part.unlink()  # corrupt: never let it become the cached file, and don't resume from it
+                raise WeightsError(f"Downloaded {url} but its sha256 is not {expected_sha} as the server reports: the "
+                                   f"file is corrupt and was deleted. Run again, or: {manual}")
+            os.replace(part, dest)
+            return dest
+
+
+def reported_sha256(response: requests.Response) -> Optional[str]:
     """Hugging Face reports a large (LFS) file's sha256 as its X-Linked-Etag (on the redirect) or ETag."""
     for r in [*response.history, response]:
         for name in ("X-Linked-Etag", "ETag"):
@@ -842,33 +893,11 @@ def _reported_sha256(response: requests.Response) -> Optional[str]:
     return None
 
 
-def download(url: str, dest: Path, attempts: int = 3, timeout: float = 30.0) -> Path:
-    """Download url to dest unless dest exists. Bytes stream into dest.part, which survives an interruption
-    and is resumed with an HTTP Range request; dest appears only once the file is complete and verified. Processes
-    sharing the cache take turns through dest.lock: the second one finds the file complete."""
-    dest = Path(dest)
-    if dest.exists():
-        return dest
-    part = dest.with_name(dest.name + ".part")
-    manual = (f"You can download it by hand (e.g. in a browser) and save it as {dest}, "
-              f"or pass its local path with --vae-ckpt / --var-ckpt / --clip-ckpt / --aesthetic-ckpt.")
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise WeightsError(f"{dest.name} is not in the cache ({dest}) and HF_HUB_OFFLINE is set, so it is not "
-                           f"downloaded from {url}. {manual}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    waiting = lambda f: print(f"another process is downloading {dest.name}; waiting for it", file=sys.stderr)
-    with file_lock(dest.with_name(dest.name + ".lock"), waiting):
-        if dest.exists():  # the other process finished it
-            return dest
-        return _download_locked(url, dest, part, manual, attempts, timeout)
-
-
 @contextmanager
 def file_lock(path: Path, when_busy):
-    """An exclusive lock on `path` while the block runs; the operating system releases it when the process ends,
-    however it ends, so a crash never leaves it stuck. If another process holds it, when_busy(f) is called with the
-    lock file (open for reading and appending): it raises, or returns to wait for the lock. Yields that file. On a file
-    system without locks: a warning, and no lock; on Windows (no fcntl): no lock, and None."""
+    """An exclusive lock on `path` while the block runs, which the operating system releases however the process ends.
+    If another process holds it, when_busy(f) is called with the lock file (open for reading and appending): it raises,
+    or returns to wait. Yields that file. Without locks (some network mounts): a warning; on Windows: None."""
     try:
         import fcntl
     except ImportError:
@@ -880,73 +909,19 @@ def file_lock(path: Path, when_busy):
         except BlockingIOError:
             when_busy(f)
             fcntl.flock(f, fcntl.LOCK_EX)
-        except OSError as e:  # some network mounts: go on, but say so
+        except OSError as e:
             print(f"warning: cannot lock {path} ({e.strerror}); make sure no other process uses {path.parent} at the "
                   f"same time", file=sys.stderr)
         yield f
 
 
-def _download_locked(url: str, dest: Path, part: Path, manual: str, attempts: int, timeout: float) -> Path:
-    """download's work, under the file's lock: bytes stream into dest.part, resumed with a Range request."""
-    from tqdm import tqdm
-    for attempt in range(attempts):
-        have = part.stat().st_size if part.exists() else 0
-        headers = {"Range": f"bytes={have}-"} if have else {}
-        try:
-            with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
-                expected_sha = _reported_sha256(r)
-                if r.status_code == 416:  # the .part already holds the whole file
-                    pass
-                elif r.status_code not in (200, 206):
-                    raise WeightsError(f"Downloading {url} failed: HTTP {r.status_code} {r.reason}. {manual}")
-                else:
-                    if r.status_code == 200:  # the server ignored Range: start over
-                        have = 0
-                    size = r.headers.get("Content-Length")
-                    total = have + int(size) if size is not None else None
-                    with open(part, "ab" if have else "wb") as f, tqdm(
-                            total=total, initial=have, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar:
-                        for chunk in r.iter_content(chunk_size=1 << 16):  # small reads: little is lost if cut
-                            f.write(chunk)
-                            bar.update(len(chunk))
-                    if total is not None and part.stat().st_size < total:
-                        raise requests.ConnectionError(f"connection closed at {part.stat().st_size} of {total} bytes")
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
-            if attempt == attempts - 1:
-                have = part.stat().st_size if part.exists() else 0
-                kept = (f"{have} bytes are kept in {part} and the next run resumes from there" if have else
-                        "nothing was downloaded")
-                raise WeightsError(f"Downloading {url} failed after {attempts} attempts ({e}); {kept}. {manual}") from e
-            print(f"download of {dest.name} interrupted ({e}); resuming", file=sys.stderr)
-            continue
-        if expected_sha is not None:
-            hasher = hashlib.sha256()
-            with open(part, "rb") as f:
-                for block in iter(lambda: f.read(1 << 24), b""):
-                    hasher.update(block)
-            if hasher.hexdigest() != expected_sha:
-                part.unlink()  # corrupt: never let it become the cached file, and don't resume from it
-                raise WeightsError(f"Downloaded {url} but its sha256 is {hasher.hexdigest()}, not {expected_sha} as the "
-                                   f"server reports: the file is corrupt and was deleted. Run again, or: {manual}")
-        os.replace(part, dest)
-        return dest
-    raise AssertionError("unreachable")
-
-
-def cached_name(url: str) -> str:
-    """The file name a download of url is cached under: the URL's last part, %-escapes decoded (%2B -> +)."""
-    return unquote(url.rsplit("/", 1)[-1])
-
-
 def weight_path(local: str, url: str, args: Config) -> Path:
-    """A user-given local file (no network needed), else the cached copy of url, downloaded if missing."""
-    if local:
-        if Path(local).is_dir():
-            raise WeightsError(f"{local} is a directory; give the path of the .pth file itself.")
-        if not Path(local).is_file():
-            raise WeightsError(f"{local} does not exist; give the path of a weight file that does.")
-        return Path(local)
-    return download(url, cache_dir(args) / cached_name(url))
+    """A user-given local file (no network needed), else the cached copy of url (under the URL's last part, %-escapes
+    decoded: %2B -> +), downloaded if missing."""
+    if local and not Path(local).is_file():
+        raise WeightsError(f"{local} is a directory; give the path of the .pth file itself." if Path(local).is_dir() else
+                           f"{local} does not exist; give the path of a weight file that does.")
+    return Path(local) if local else download(url, cache_dir(args) / unquote(url.rsplit("/", 1)[-1]))
 
 
 def read_state_dict(path: Path) -> dict:
@@ -1038,8 +1013,6 @@ def base_fingerprint(args: Config) -> dict:
 
 
 TOY_DIR = Path(__file__).resolve().parent / "notebooks" / "toy"
-
-
 TOY_RESTORE = (f"The toy world's weights ship with the repository in {TOY_DIR}: restore them with `git checkout -- "
                f"notebooks/toy`, or rebuild them from scratch with `python notebooks/toy_world.py --out notebooks/toy` "
                f"(about 25 minutes on 2 CPU cores).")
@@ -1202,20 +1175,15 @@ class RunConfig(Config):
     var_ckpt: str = ""
     """local path of var_d{depth}.pth (or weights this script exported); empty: download it into the cache"""
     clip_ckpt: str = ""
-    """CLIP weights: a local file or an open_clip pretrained tag; empty: download the OpenAI ViT-L/14 into the cache
-    (--tiny: notebooks/toy/clip.pth)"""
+    """CLIP weights: a local file or an open_clip pretrained tag; empty: the OpenAI ViT-L/14, downloaded into the cache"""
     aesthetic_ckpt: str = ""
-    """local path of sac+logos+ava1-l14-linearMSE.pth; empty: download it into the cache (--tiny:
-    notebooks/toy/aesthetic.pth)"""
+    """local path of sac+logos+ava1-l14-linearMSE.pth; empty: download it into the cache"""
     cache_dir: str = ""
     """where downloaded weights are kept; empty: $VAR_GRPO_CACHE, else ~/.cache/var_grpo"""
     out: str = ""
-    """output directory, one run at a time; empty: runs/<prompt>-d<depth> (runs/tiny-<prompt>-<reward> with --tiny), at most
-    60 characters plus a hash"""
+    """output directory, one run at a time; empty: runs/<prompt>-d<depth> (runs/tiny-<prompt>-<reward> with --tiny)"""
     resume: bool = False
-    """continue the run in --out from its checkpoint.pt, with the same settings: it refuses, naming them, any change but
-    --steps (not below the checkpoint's), --eval-every, --save-every, --summary-samples, --device, --micro-batch,
-    --sample-batch, --grad-checkpointing, --compile, --cuda-graphs, --cache-dir, and the number of torchrun processes"""
+    """continue the run in --out from its checkpoint.pt with the same settings (the error names any that may change)"""
     eval_every: int = 50
     """save an evaluation grid every this many steps (also at step 0 and at the end)"""
     save_every: int = 50
@@ -1223,8 +1191,7 @@ class RunConfig(Config):
     num_eval: int = 8
     """images in an evaluation grid, at fixed (class, seed) pairs"""
     eval_cfg: float = -1.0
-    """guidance of the evaluation grids; negative: --cfg (training with --cfg 0 and evaluating with guidance is a
-    known recipe for image RL)"""
+    """guidance of the evaluation grids; negative: --cfg (guided grids of a run trained with --cfg 0 are a known recipe)"""
     eval_top_k: int = 900
     """top-k for evaluation images only (RL rollouts sample the full distribution, so their log-probs are exact)"""
     eval_top_p: float = 0.96
@@ -1236,21 +1203,15 @@ class RunConfig(Config):
     micro_batch: int = 8
     """images per forward/backward pass; gradients accumulate over a minibatch (lower it to save memory)"""
     sample_batch: int = 0
-    """images sampled at once in a rollout (0: all P*G); lower it to save the KV cache's memory (the images drawn are
-    the same: each has its own seed)"""
+    """images sampled at once in a rollout (0: all P*G); lower it to save the KV cache's memory (same images drawn)"""
     grad_checkpointing: bool = False
     """recompute each block's activations in the backward pass: less memory, ~30% slower updates"""
     compile: bool = True
-    """GPU only: torch.compile the transformer blocks of the teacher-forced passes (the update and the reference): on
-    an H200 d16's update 0.50 -> 0.31 s, d30's 1.84 -> 1.20 s, and less memory; costs 15-30 s at the first step.
-    Needs triton; where it is missing the blocks run eagerly, with a note"""
+    """GPU only: torch.compile the blocks of the teacher-forced passes (needs triton; README: what it saves)"""
     cuda_graphs: bool = False
-    """GPU only: replay the sampler's per-scale passes as CUDA graphs captured for the rollout's batch: sampling 32
-    images at d16 0.32 -> 0.23 s on an H200, but the graphs keep the rollout's KV cache allocated for good (computed
-    for 32 images: ~3.6 GB at d16, ~10.7 GB at d30; --sample-batch shrinks it)"""
+    """GPU only: replay the sampler's passes as CUDA graphs (faster; holds the rollout's KV cache for good)"""
     bench: bool = False
-    """time whole GRPO steps (rollout, reward, update) at --depth with random weights and the other flags as given,
-    plus sampling and the teacher-forced pass at --bench-batch; print seconds, images/s, MFU, peak memory; then exit"""
+    """time whole GRPO steps at --depth with random weights, plus sampling and a teacher-forced pass; then exit"""
     bench_batch: int = 2
     """batch size of --bench's sampling and teacher-forced timings"""
 
@@ -1420,31 +1381,25 @@ def check_config(args: Config):
         need(args.depth == Config.depth, f"--tiny uses the toy world's VAR-d{TOY_DEPTH}; drop --depth")
         need(args.clip_model == Config.clip_model, f"--clip-model {args.clip_model}: --tiny uses the toy world's CLIP "
                                                   f"({TOY_CLIP}, notebooks/toy/clip.pth); drop --clip-model")
-    elif args.bench:
-        need(args.depth >= 1, f"--depth {args.depth}: must be at least 1")
-    elif not args.var_ckpt:  # the weights are downloaded: only the published depths exist
+    elif not args.var_ckpt and not args.bench:  # the weights are downloaded: only the published depths exist
         need(args.depth in OFFICIAL_DEPTHS, f"--depth {args.depth}: official VAR weights exist for depth "
                                            f"{', '.join(map(str, OFFICIAL_DEPTHS))}; or pass your own with --var-ckpt")
     else:
         need(args.depth >= 1, f"--depth {args.depth}: must be at least 1")
-    try:
-        reward = parse_reward_spec(args.reward)
-        if "clip" in reward:
-            need(bool(args.prompt.strip()), "--prompt is empty but the clip reward needs a text to compare the images with")
-        if ("clip" in reward or "aesthetic" in reward) and not args.tiny:
-            need(args.clip_model == Config.clip_model or bool(args.clip_ckpt),
-                 f"--clip-model {args.clip_model} needs --clip-ckpt: a local weight file or an open_clip pretrained tag "
-                 f"(python -c 'import open_clip; print(open_clip.list_pretrained())')")
-    except ValueError as e:
-        problems.append(str(e))
-    try:
-        class_pools(args, (TOY_ARCH if args.tiny else OFFICIAL_ARCH)["num_classes"])
-    except ValueError as e:
-        problems.append(str(e))
-    try:
-        resolve_device(args.device)
-    except ValueError as e:
-        problems.append(str(e))
+
+    def attempt(check, *a):  # a check that raises its own message
+        try:
+            return check(*a)
+        except ValueError as e:
+            problems.append(str(e))
+    reward = attempt(parse_reward_spec, args.reward) or {}
+    attempt(class_pools, args, (TOY_ARCH if args.tiny else OFFICIAL_ARCH)["num_classes"])
+    attempt(resolve_device, args.device)
+    need("clip" not in reward or bool(args.prompt.strip()), "--prompt is empty but the clip reward needs a text to "
+                                                            "compare the images with")
+    need(args.tiny or not {"clip", "aesthetic"} & set(reward) or args.clip_model == Config.clip_model or bool(args.clip_ckpt),
+         f"--clip-model {args.clip_model} needs --clip-ckpt: a local weight file or an open_clip pretrained tag "
+         f"(python -c 'import open_clip; print(open_clip.list_pretrained())')")
     if problems:
         raise ValueError("bad configuration:\n  " + "\n  ".join(problems))
 
