@@ -1183,7 +1183,7 @@ class RunConfig(Config):
     out: str = ""
     """output directory, one run at a time; empty: runs/<prompt>-d<depth> (runs/tiny-<prompt>-<reward> with --tiny)"""
     resume: bool = False
-    """continue the run in --out from its checkpoint.pt with the same settings (the error names any that may change)"""
+    """continue the run in --out from its checkpoint.pt: the same method, its length and how it runs may change"""
     eval_every: int = 50
     """save an evaluation grid every this many steps (also at step 0 and at the end)"""
     save_every: int = 50
@@ -1335,15 +1335,10 @@ def check_config(args: Config):
     if problems:
         raise ValueError("bad configuration:\n  " + "\n  ".join(problems))
     need(args.group_size >= 2, f"--group-size {args.group_size}: GRPO compares images within a group, so it needs at least 2")
-    for flag, value in (("--classes-per-step", args.classes_per_step), ("--minibatches", args.minibatches),
-                        ("--micro-batch", args.micro_batch), ("--inner-epochs", args.inner_epochs), ("--steps", args.steps),
-                        ("--eval-every", args.eval_every), ("--save-every", args.save_every), ("--num-eval", args.num_eval),
-                        ("--bench-batch", args.bench_batch)):
-        need(value >= 1, f"{flag} {value}: must be at least 1")
-    for flag, value in (("--summary-samples", args.summary_samples), ("--sample-batch", args.sample_batch),
-                        ("--lora-rank", args.lora_rank), ("--eval-top-k", args.eval_top_k), ("--beta", args.beta),
-                        ("--cfg", args.cfg), ("--adv-eps", args.adv_eps), ("--weight-decay", args.weight_decay)):
-        need(value >= 0, f"{flag} {value}: must be >= 0")
+    for least, names in ((1, "classes_per_step minibatches micro_batch inner_epochs steps eval_every save_every num_eval "
+                             "bench_batch"), (0, "summary_samples sample_batch lora_rank eval_top_k beta cfg adv_eps weight_decay")):
+        for name in names.split():
+            need(getattr(args, name) >= least, f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least {least}")
     for flag, value in (("--lr", args.lr), ("--lora-lr", args.lora_lr)):
         need(0 < value <= 1, f"{flag} {value}: must be in (0, 1]; AdamW moves each weight by about lr a step, so above 1 "
                              f"the first update wrecks the model (--lr 1e-5 for full fine-tuning, --lora-lr 1e-4 with LoRA)")
@@ -1429,15 +1424,9 @@ class PhaseClock:
     def __init__(self, device: torch.device):
         self.device, self.last, self.seconds, self.peak_gb = device, None, {}, {}
 
-    def now(self) -> float:
-        """Wait for the GPU, forget its peak memory so far; the time now."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        return time.perf_counter()
-
     def start(self):
-        self.seconds, self.peak_gb, self.last = {}, {}, self.now()
+        self.seconds, self.peak_gb, self.last = {}, {}, 0.0
+        self("")
 
     def stop(self):
         self.last = None
@@ -1447,10 +1436,12 @@ class PhaseClock:
             return
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # before reading the peak: the phase's kernels have all run
-            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
-            self.peak_gb[phase] = max(peak, self.peak_gb.get(phase, 0.0))
-        now = self.now()
-        self.seconds[phase], self.last = self.seconds.get(phase, 0.0) + now - self.last, now
+            self.peak_gb[phase] = max(torch.cuda.max_memory_allocated(self.device) / 2**30, self.peak_gb.get(phase, 0.0))
+            torch.cuda.reset_peak_memory_stats(self.device)
+        now = time.perf_counter()
+        if phase:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.last
+        self.last = now
 
 
 def watch(policy: Policy, reward_fn: Reward, device: torch.device, args: Config) -> PhaseClock:
@@ -1552,23 +1543,6 @@ def filter_top_k_top_p(logits_BlV, top_k: int = 0, top_p: float = 0.0):
         drop_sorted[..., -1:] = False  # always keep the most likely token
         logits_BlV = logits_BlV.masked_fill(drop_sorted.scatter(-1, order_BlV, drop_sorted), -torch.inf)
     return logits_BlV
-
-
-class Evaluation:
-    """evaluate(var, step): images at fixed (class, seed) pairs, the same at every evaluation, saved as the grid
-    eval_step{step}.png in out; returns their mean reward. Guidance --eval-cfg, top-k / top-p as --eval-top-k/p say."""
-    def __init__(self, vae, reward_fn, args: Config, pool, device: torch.device, out: Path):
-        self.vae, self.reward_fn, self.args, self.device, self.out = vae, reward_fn, args, device, out
-        self.labels = spread_classes(pool, args.num_eval, args.seed).to(device)
-
-    def __call__(self, var: VAR, step: int) -> float:
-        args = self.args
-        seeds = image_seeds(len(self.labels), args.seed, "eval")
-        guidance = args.cfg if args.eval_cfg < 0 else args.eval_cfg
-        s = sample_in_chunks(var, self.vae, self.labels, seeds, args.sample_batch, guidance, args.temperature,
-                             args.eval_top_k, args.eval_top_p)
-        save_grid(s.image, self.out / f"eval_step{step:05d}.png")
-        return self.reward_fn(s.image)[0].mean().item()
 
 
 @torch.no_grad()
@@ -1816,27 +1790,47 @@ class Run:
                         self.loop.close()  # puts the signal handlers back now, not whenever the loop is collected
 
     def steps(self, policy: Policy, vae: VQVAE, reward_fn: Reward, opt, pool):
-        """The steps to run: from 0, or from the checkpoint's step with the model and the optimizer restored."""
-        self.loop = self.step_loop(policy, vae, reward_fn, opt, pool)
-        return self.loop
-
-    def step_loop(self, policy: Policy, vae: VQVAE, reward_fn: Reward, opt, pool):
-        args, ranks = self.args, self.ranks
+        """The steps to run: from 0, or from the checkpoint's step with the model and the optimizer restored (no random
+        state: every draw is keyed by its step) and metrics.jsonl cut back to the steps it holds."""
+        args, ranks, var = self.args, self.ranks, policy.var
         use_the_device(args, self.device, policy)  # appendix E: bf16 frozen weights, --compile, --cuda-graphs
         if ranks.world > 1:
             split_over_processes(policy, ranks)  # appendix H: each process does 1/N of every phase
-        self.clock = watch(policy, reward_fn, self.device, args)
-        self.policy, self.opt = policy, opt
-        start, self.records = start_or_resume(args, self.out, self.ck, policy.var, opt, write_files=ranks.main)
-        self.evaluate = Evaluation(vae, reward_fn, args, pool, self.device, self.out)
-        if start == 0 and ranks.main:
-            print(f"step 0 evaluation reward {self.evaluate(policy.var, 0):.4f}")
+        self.clock, self.policy, self.opt, self.vae, self.reward_fn = watch(policy, reward_fn, self.device, args), policy, opt, vae, reward_fn
+        self.eval_labels = spread_classes(pool, args.num_eval, args.seed).to(self.device)
+        start, self.records, var.base_sha256 = 0, [], base_fingerprint(args)  # (an attribute: not in the state_dict)
+        if self.ck is not None:
+            check_same_base(self.ck.get("base_sha256", var.base_sha256), var.base_sha256, args)
+            var.load_state_dict(self.ck["model"], strict=args.lora_rank == 0)  # LoRA: the adapters; the base is on disk
+            opt.load_state_dict(self.ck["optimizer"])
+            start, self.records = self.ck["step"], self.ck["records"]
+            print(f"resumed {self.out} at step {start}")
+        if ranks.main:
+            (self.out / "config.json").write_text(json.dumps(vars(args), indent=1))
+            (self.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            if start == 0:
+                print(f"step 0 evaluation reward {self.evaluate(0):.4f}")
+        self.loop = self.step_loop(start)
+        return self.loop
+
+    def step_loop(self, start: int):
+        from tqdm import trange
         with signals_stop_after_the_step() as self.stop:
-            for step in progress_bar(start, args.steps, ranks.main):
+            for step in trange(start, self.args.steps, initial=start, total=self.args.steps, desc="GRPO",
+                               dynamic_ncols=True, disable=not self.ranks.main):
                 self.clock.start()
                 yield step
                 if self.stopping:
                     return
+
+    def evaluate(self, step: int) -> float:
+        """Images at fixed (class, seed) pairs, the same at every evaluation (--eval-cfg, --eval-top-k, --eval-top-p),
+        saved as the grid eval_step{step}.png; their mean reward."""
+        args, seeds = self.args, image_seeds(len(self.eval_labels), self.args.seed, "eval")
+        s = sample_in_chunks(self.policy.var, self.vae, self.eval_labels, seeds, args.sample_batch,
+                             args.cfg if args.eval_cfg < 0 else args.eval_cfg, args.temperature, args.eval_top_k, args.eval_top_p)
+        save_grid(s.image, self.out / f"eval_step{step:05d}.png")
+        return self.reward_fn(s.image)[0].mean().item()
 
     def record(self, step: int, result: dict):
         """After a step: its record logged (metrics.jsonl and a line for a person), an evaluation grid and a checkpoint
@@ -1849,27 +1843,54 @@ class Run:
         self.stopping = ranks.any(bool(self.stop))  # torchrun: a signal to any process stops them all after this step
         if ranks.main:
             if self.done % args.eval_every == 0 or self.done == args.steps:  # the policy after this step's update
-                rec["eval_reward"] = self.evaluate(self.policy.var, self.done)
+                rec["eval_reward"] = self.evaluate(self.done)
             self.records.append(rec)
             log_step(self.records, self.out / "metrics.jsonl", args)
             if self.done % args.save_every == 0 or self.done == args.steps or self.stopping:
-                save_checkpoint(self.out / "checkpoint.pt", self.done, self.policy.var, self.opt, args)
+                atomic_save(dict(model=trained_state_dict(self.policy.var, args), optimizer=self.opt.state_dict(),
+                                 step=self.done, config=vars(args), base_sha256=self.policy.var.base_sha256),
+                            self.out / "checkpoint.pt")
 
     def finish(self, policy: Policy, vae: VQVAE, reward_fn: Reward, pool, heldout) -> dict:
-        """The end of the run: summary.json (unless stopped early) and the final outputs, on the first process."""
-        args, summary = self.args, None
+        """The end of the run, on the first process: summary.json (unless stopped early), var_final.pth (official key
+        names, LoRA merged), then the pictures, which may fail without taking the rest with them."""
+        args, out, summary = self.args, self.out, None
         if not self.ranks.main:
             self.ranks.barrier()  # until process 0 has written the run's files: a next run may read them
-            return dict(out=self.out, records=[], var=policy.var, summary=None)
+            return dict(out=out, records=[], var=policy.var, summary=None)
         if self.stopping:
             print(f"stopped by {self.stop[0] if self.stop else 'a signal to another process'} after step {self.done}, "
                   f"checkpoint saved: continue with the same command and --resume")
         elif self.records and args.summary_samples > 0:
             judge = load_judge(args, self.device, reward_fn)
             summary = compare_policies(policy, vae, reward_fn, judge, pool, heldout, args, self.device)
-        write_final_outputs(self.out, args, self.records, summary, policy.var)
+        atomic_save(export_state_dict(policy.var, args), out / "var_final.pth")
+        if summary is not None:
+            (out / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
+        try:
+            first, last = out / "eval_step00000.png", out / f"eval_step{args.steps:05d}.png"
+            if self.records and first.exists() and last.exists():
+                save_before_after(first, last, out / "before_after.png")
+            if self.records:
+                save_reward_curve(self.records, out / "reward_curve.png")
+        except Exception as e:  # a picture is for looking at; the weights and the numbers are already written
+            print(f"warning: a picture could not be drawn ({type(e).__name__}: {str(e)[:200]}); var_final.pth and "
+                  f"summary.json are written", file=sys.stderr)
+        grids = sorted(out.glob("eval_step*.png"))
+        written = [p.name for p in sorted(out.iterdir()) if p.suffix in (".json", ".jsonl", ".png", ".pth", ".pt") and p not in grids]
+        print(f"outputs in {out}: {', '.join(written)}" + (f", {len(grids)} evaluation grids eval_step*.png" if grids else ""))
         self.ranks.barrier()
-        return dict(out=self.out, records=self.records, var=policy.var, summary=summary)
+        return dict(out=out, records=self.records, var=policy.var, summary=summary)
+
+
+def check_same_base(old: dict, now: dict, args: Config):
+    """A resumed run, and the LoRA merge at its end, must start from the base weight files it started from."""
+    changed = [name for name in old if old[name] != now.get(name)]
+    if changed:
+        raise WeightsError("the base weights changed since the run started: " + ", ".join(
+            f"{base_weight_files(args)[n]} (sha256 {now[n][:12]}..., was {old[n][:12]}...)" for n in changed)
+            + ". A run must continue from the same base: restore the original file(s), or start a new run in another "
+            "--out (the adapters of a LoRA run are in its checkpoint.pt).")
 
 
 @contextmanager
@@ -1887,11 +1908,6 @@ def errors_as_messages(args: RunConfig):
         raise SystemExit(130) from None
 
 
-def progress_bar(start: int, steps: int, show: bool):
-    from tqdm import trange
-    return trange(start, steps, initial=start, total=steps, desc="GRPO", dynamic_ncols=True, disable=not show)
-
-
 def trained_state_dict(var: VAR, args: Config) -> dict:
     """What a checkpoint must hold to resume: the whole model, or with LoRA only the adapters (the base is on disk)."""
     sd = var.state_dict()
@@ -1903,11 +1919,7 @@ def export_state_dict(var: VAR, args: Config) -> dict:
     base weights read again from disk (a GPU held them in bf16), adapter keys dropped."""
     if args.lora_rank == 0:
         return var.state_dict()
-    changed = [name for name, sha in base_fingerprint(args).items() if sha != getattr(var, "base_sha256", {}).get(name, sha)]
-    if changed:
-        raise WeightsError(f"the base weights ({', '.join(str(base_weight_files(args)[n]) for n in changed)}) changed "
-                           f"since this run started, so the adapters cannot be merged onto them; restore the original "
-                           f"file(s): the adapters are in checkpoint.pt")
+    check_same_base(getattr(var, "base_sha256", {}), base_fingerprint(args), args)
     merged = load_models(args, torch.device("cpu"))[1].state_dict()
     for name, m in var.named_modules():
         if isinstance(m, LoRALinear):
@@ -2038,36 +2050,6 @@ def run_lock(out: Path):
         yield
 
 
-def start_or_resume(args: Config, out: Path, ck: Optional[dict], var: VAR, opt, write_files: bool = True):
-    """(first step, records so far): 0 and none for a new run; else the checkpoint's model and optimizer restored, and
-    metrics.jsonl cut back to the steps it holds (no random state: every draw is keyed by its step). A resumed run's
-    base weights must be the ones it started from. Writes config.json (unless write_files is False)."""
-    start, records = 0, []
-    var.base_sha256 = base_fingerprint(args)  # what the run started from (a plain attribute: not in the state_dict)
-    if ck is not None:
-        old = ck.get("base_sha256", var.base_sha256)  # (checkpoints written before this check was added: not checked)
-        changed = [name for name in old if old[name] != var.base_sha256.get(name)]
-        if changed:
-            raise WeightsError("--resume: the base weights changed since the checkpoint was written: "
-                               + ", ".join(f"{base_weight_files(args)[n]} (sha256 {var.base_sha256[n][:12]}..., was "
-                                           f"{old[n][:12]}...)" for n in changed)
-                               + ". A resumed run must continue from the same base: restore the original file(s), or "
-                               "start a new run in another --out.")
-        var.load_state_dict(ck["model"], strict=args.lora_rank == 0)  # LoRA: the adapters; the base came from disk
-        opt.load_state_dict(ck["optimizer"])
-        start, records = ck["step"], ck["records"]
-        print(f"resumed {out} at step {start}")
-    if write_files:
-        (out / "config.json").write_text(json.dumps(vars(args), indent=1))
-        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return start, records
-
-
-def save_checkpoint(path: Path, step: int, var: VAR, opt, args: Config):
-    atomic_save(dict(model=trained_state_dict(var, args), optimizer=opt.state_dict(), step=step, config=vars(args),
-                     base_sha256=var.base_sha256), path)
-
-
 STUCK_STEPS = 5  # steps in a row with every advantage 0 before log_step warns
 
 
@@ -2150,27 +2132,6 @@ def failures_keep_checkpoints(out: Path, args: Config):
                           f"{kept()}") from None
     except FloatingPointError as e:
         raise FloatingPointError(f"{e}. {kept()}") from None
-
-
-def write_final_outputs(out: Path, args: Config, records: List[dict], summary: Optional[dict], var: VAR):
-    """var_final.pth, summary.json, then the pictures (before_after.png, reward_curve.png), which may fail without
-    taking the rest with them; then the list of what is in out."""
-    # official key names (LoRA merged): loads with --var-ckpt, or into the official VAR
-    atomic_save(export_state_dict(var, args), out / "var_final.pth")
-    if summary is not None:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
-    final = out / f"eval_step{args.steps:05d}.png"
-    try:
-        if records and final.exists() and (out / "eval_step00000.png").exists():
-            save_before_after(out / "eval_step00000.png", final, out / "before_after.png")
-        if records:
-            save_reward_curve(records, out / "reward_curve.png")
-    except Exception as e:  # a picture is for looking at; the weights and the numbers are already written
-        print(f"warning: a picture could not be drawn ({type(e).__name__}: {str(e)[:200]}); var_final.pth and "
-              f"summary.json are written", file=sys.stderr)
-    grids = sorted(out.glob("eval_step*.png"))
-    written = [p.name for p in sorted(out.iterdir()) if p.suffix in (".json", ".jsonl", ".png", ".pth", ".pt") and p not in grids]
-    print(f"outputs in {out}: {', '.join(written)}" + (f", {len(grids)} evaluation grids eval_step*.png" if grids else ""))
 
 
 def needs_download(args: Config) -> bool:
