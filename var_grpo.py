@@ -1425,8 +1425,10 @@ class PhaseClock:
         self.device, self.last, self.seconds, self.peak_gb = device, None, {}, {}
 
     def start(self):
-        self.seconds, self.peak_gb, self.last = {}, {}, 0.0
-        self("")
+        if self.device.type == "cuda":  # what ran before the step (an evaluation, a save) is not the step's
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.seconds, self.peak_gb, self.last = {}, {}, time.perf_counter()
 
     def stop(self):
         self.last = None
@@ -1439,9 +1441,7 @@ class PhaseClock:
             self.peak_gb[phase] = max(torch.cuda.max_memory_allocated(self.device) / 2**30, self.peak_gb.get(phase, 0.0))
             torch.cuda.reset_peak_memory_stats(self.device)
         now = time.perf_counter()
-        if phase:
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.last
-        self.last = now
+        self.seconds[phase], self.last = self.seconds.get(phase, 0.0) + now - self.last, now
 
 
 def watch(policy: Policy, reward_fn: Reward, device: torch.device, args: Config) -> PhaseClock:
@@ -2722,16 +2722,12 @@ class Ranks:
             if p.grad is not None:
                 dist.all_reduce(p.grad.mul_(1 / self.world))
 
-    def broadcast(self, params: List[torch.Tensor]):
-        """Process 0's values on every process (as DDP does at the start; they are equal anyway)."""
-        for p in params:
-            dist.broadcast(p.data, src=0)
-
 
 def split_over_processes(policy: Policy, ranks: Ranks):
     """Install torchrun's split into the policy's two phases, changing nothing they compute: a rollout of P/N whole
     groups on each process, gathered on every one; a minibatch's gradient accumulated by each process on its 1/N, the
-    mean over its part, then averaged over the processes (so, for equal parts, the mean over the minibatch)."""
+    mean over its part, then averaged over the processes (so, for equal parts, the mean over the minibatch). No weights
+    are broadcast: every process loads the same files and seeds LoRA's W_down alike, so all start equal."""
     rollout, accumulate = policy.rollout, policy.accumulate_gradients
 
     def rollout_of_my_groups(vae, reward_fn, label_B, seed_B, args):
@@ -2743,7 +2739,6 @@ def split_over_processes(policy: Policy, ranks: Ranks):
         ranks.average_gradients(policy.trained)
         return ranks.gather_stats(stats)
     policy.rollout, policy.accumulate_gradients = rollout_of_my_groups, accumulate_my_part
-    ranks.broadcast(policy.trained)
 
 
 def world_size() -> int:
