@@ -568,11 +568,12 @@ class Reward(nn.Module):
             parts["area"] = shape_mask(images_B3HW).mean((1, 2, 3))
         if features_BD is None:  # no CLIP: measure diversity on an 8x8 thumbnail, centred on grey
             features_BD = (F.adaptive_avg_pool2d(images_B3HW.float(), 8) - 0.5).flatten(1)
-        for name, part_B in parts.items():
+        total_B = sum(self.weights[name] * part_B for name, part_B in parts.items())
+        for name, part_B in {**parts, "weighted": total_B}.items():
             if not torch.isfinite(part_B).all():
                 raise FloatingPointError(f"the {name} reward is not finite for {(~torch.isfinite(part_B)).sum().item()} "
-                                         f"image(s); check the {name} model's weights (--{name}-ckpt) and its inputs")
-        total_B = sum(self.weights[name] * part_B for name, part_B in parts.items())
+                                         f"image(s); " + (f"check the {name} model's weights and inputs" if name in parts
+                                         else f"the weights {self.weights} overflow float32: make them smaller"))
         return total_B, parts, features_BD
 
 
@@ -754,7 +755,7 @@ def grpo_step(policy: Policy, vae: VQVAE, reward_fn, opt, label_B, args: Config,
 
 def train(args: RunConfig) -> dict:
     """GRPO as the settings say, from Python as from the command line: the pretrained models (steps 1-3), the reward
-    (step 5), the policy (step 8), then steps 4-8 once per step. Returns {"out", "records", "var", "summary"}."""
+    (step 5), the policy (step 8), then steps 4-8 once per step. Returns {"out", "records", "var", "summary", "stopped"}."""
     with Run(args) as run:  # appendix D: every setting checked, --out taken for this run, the checkpoint opened
         torch.manual_seed(args.seed)  # what draws from torch's global generator: LoRA's W_down
         vae, var = load_models(args, run.device)
@@ -798,6 +799,7 @@ import inspect
 import json
 import os
 import pickle
+import shutil
 import signal
 import sys
 import threading
@@ -857,11 +859,15 @@ def download(url: str, dest: Path, attempts: int = 3, timeout: float = 30.0) -> 
                     expected_sha = reported_sha256(r)
                     if r.status_code not in (200, 206, 416):  # 416: the .part already holds the whole file
                         raise WeightsError(f"Downloading {url} failed: HTTP {r.status_code} {r.reason}. {manual}")
+                    if r.status_code == 416 and expected_sha is None:  # "complete", unverifiable: download afresh
+                        part.unlink()
+                        raise requests.ConnectionError(f"the server calls {part.name} complete but gives no sha256 to "
+                                                       f"check it by")
                     if r.status_code != 416:
                         have = 0 if r.status_code == 200 else have  # 200: the server ignored Range, start over
                         size = r.headers.get("Content-Length")
                         total = have + int(size) if size is not None else None
-                        with open(part, "ab" if have else "wb") as f, tqdm(
+                        with open_no_symlink(part, "ab" if have else "wb") as f, tqdm(
                                 total=total, initial=have, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar:
                             for chunk in r.iter_content(chunk_size=1 << 16):  # small reads: little is lost if cut
                                 f.write(chunk)
@@ -903,7 +909,7 @@ def file_lock(path: Path, when_busy):
     except ImportError:
         yield None
         return
-    with open(path, "a+") as f:
+    with open_no_symlink(path, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -929,7 +935,7 @@ def read_state_dict(path: Path) -> dict:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise WeightsError(f"{path} is not a PyTorch checkpoint that torch.load(weights_only=True) can read "
-                           f"({str(e).splitlines()[0][:300]}); nothing in it was run. Pass an official VAR/VQVAE .pth "
+                           f"({first_line(e)}); nothing in it was run. Pass an official VAR/VQVAE .pth "
                            f"file or one this script exported. If {path.name} is a download in the weight cache, delete "
                            f"{path}: the next run downloads it afresh.") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -937,6 +943,11 @@ def read_state_dict(path: Path) -> dict:
         raise WeightsError(f"{path} is not a plain state_dict of tensors (it holds {keys}). Pass an official "
                            f"VAR/VQVAE .pth file or the exported var_final.pth (training checkpoints go to --resume).")
     return sd
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an error's message (an empty file's error may have none), for a message of our own."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def load_weights(model: nn.Module, path: Path) -> nn.Module:
@@ -977,7 +988,10 @@ def load_models(args: Config, device: torch.device):
     if args.tiny:
         with torch.device("meta"):
             vae, var = build_vae(TOY_ARCH), build_var(TOY_ARCH, TOY_DEPTH)
-        return load_toy(vae, "vae.pth", str(files["vae"])).to(device), load_toy(var, "var.pth", str(files["var"])).to(device)
+        vae, var = load_toy(vae, "vae.pth", str(files["vae"])).to(device), load_toy(var, "var.pth", str(files["var"])).to(device)
+        check_toy_set(dict(files, clip=Path(toy_path("clip.pth", args.clip_ckpt)),
+                           aesthetic=Path(toy_path("aesthetic.pth", args.aesthetic_ckpt))))
+        return vae, var
     with torch.device("meta"):  # no random init of 300M+ parameters only to overwrite them
         vae, var = build_vae(OFFICIAL_ARCH), build_var(OFFICIAL_ARCH, args.depth)
     return load_weights(vae, files["vae"]).to(device), load_weights(var, files["var"]).to(device)
@@ -1026,13 +1040,37 @@ def toy_path(name: str, local: str = "") -> str:
     return str(path)
 
 
+TOY_SET = "toy_set.json"  # beside the toy weights (toy_world.py writes it last): the set's id, each file's sha256
+
+
+def check_toy_set(paths: dict):
+    """The toy world's VQ-VAE, VAR, CLIP and aesthetic head are trained on one another, so they must come from one run
+    of toy_world.py: each must be the file its folder's toy_set.json lists, and every list must be of one set. A VAR
+    that a GRPO run exported (var_final.pth) is in no list and is not checked; the judge reads pixels, not tokens."""
+    sets = {}
+    for name, path in paths.items():
+        listed = json.loads((path.parent / TOY_SET).read_text()) if (path.parent / TOY_SET).is_file() else None
+        if name == "var" and (listed is None or path.name not in listed["files"]):
+            continue
+        if listed is None or listed["files"].get(path.name) != file_sha256(path):
+            raise WeightsError(f"{path} is not " + ("one of the files" if listed else f"beside a {TOY_SET} (the list")
+                               + f" of a toy world written whole by notebooks/toy_world.py{'' if listed else ')'}: the "
+                               f"folder holds a half-written or mixed set, and a VAE of one set decodes the tokens of "
+                               f"another into noise.\n{TOY_RESTORE}")
+        sets[name] = listed["set"]
+    if len(set(sets.values())) > 1:
+        raise WeightsError("the toy weights come from different runs of toy_world.py: " + ", ".join(
+            f"{paths[n]} (set {s[:8]})" for n, s in sets.items()) + ". Pass files of one folder: --vae-ckpt, "
+            "--var-ckpt, --clip-ckpt and --aesthetic-ckpt of one toy world.")
+
+
 def load_toy(model: nn.Module, name: str, local: str = "") -> nn.Module:
     """The toy world's weights loaded into model, with the way to restore or rebuild them on error."""
     path = Path(toy_path(name, local))
     try:
         return load_weights(model, path)
     except WeightsError as e:
-        raise WeightsError(f"{e}\n{TOY_RESTORE}") from None
+        raise WeightsError(f"{e}\n{TOY_RESTORE}" if path.resolve().parent == TOY_DIR else str(e)) from None
 
 
 def load_clip(name: str, pretrained: Optional[str]):
@@ -1079,6 +1117,7 @@ def register_toy_clip() -> str:
     import tempfile, open_clip
     if _clip_config_dir is None:
         _clip_config_dir = tempfile.mkdtemp(prefix="var_grpo_clip_")
+        atexit.register(shutil.rmtree, _clip_config_dir, ignore_errors=True)  # nothing left in the temp folder
         (Path(_clip_config_dir) / f"{TOY_CLIP}.json").write_text(json.dumps(TOY_CLIP_CONFIG))
         open_clip.add_model_config(_clip_config_dir)
     return TOY_CLIP
@@ -1199,7 +1238,7 @@ class RunConfig(Config):
     summary_samples: int = 256
     """at the end, fresh samples of the starting and the final policy (same classes and seeds) scored into summary.json"""
     heldout_classes: str = "auto"
-    """classes never trained on, measured apart in summary.json: ids, none, or auto (a tenth of a pool of >= 100)"""
+    """classes never trained on, measured apart in summary.json: ids, none (or empty), or auto (a tenth of a pool of >= 100)"""
     micro_batch: int = 8
     """images per forward/backward pass; gradients accumulate over a minibatch (lower it to save memory)"""
     sample_batch: int = 0
@@ -1242,6 +1281,9 @@ def parse_config(argv: Optional[List[str]] = None) -> RunConfig:
     return RunConfig(**vars(parser.parse_args(argv)))
 
 
+MAX_REWARD_WEIGHT = 1e6
+
+
 def parse_reward_spec(spec: str) -> dict:
     """"clip=1,aesthetic=0.05" -> {"clip": 1.0, "aesthetic": 0.05}, with errors that say how to fix the flag."""
     weights = {}
@@ -1257,6 +1299,9 @@ def parse_reward_spec(spec: str) -> dict:
             weight = float("nan")
         if not math.isfinite(weight):
             raise ValueError(f"--reward: {part!r} needs a finite number after '=', e.g. {name}=1")
+        if abs(weight) > MAX_REWARD_WEIGHT:  # float32 rewards: 1e39 is inf, and far smaller ones overflow in the sum
+            raise ValueError(f"--reward: {part!r}: a weight's size must be at most {MAX_REWARD_WEIGHT:g}; only the "
+                             f"weights' ratios matter once advantages are normalised, so scale them all down")
         if name in weights:
             raise ValueError(f"--reward: {name!r} is given twice in {spec!r}")
         weights[name] = weight
@@ -1301,7 +1346,7 @@ def class_pools(args: Config, num_classes: int):
     """(training classes, held-out classes): --classes without --heldout-classes. auto holds out a seeded tenth of the
     pool when it has >= 100 classes (100 of ImageNet's 1000), none of a smaller one (the toy world's 10)."""
     pool, spec = parse_classes(args.classes, num_classes), args.heldout_classes.strip().lower()
-    if spec == "none" or (spec == "auto" and len(pool) < 100):
+    if spec in ("none", "") or (spec == "auto" and len(pool) < 100):
         return pool, pool[:0]
     if spec == "auto":
         order = torch.randperm(len(pool), generator=generator(args.seed, "heldout"))
@@ -1404,7 +1449,7 @@ def check_writable(path: Path, what: str):
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
+        open_no_symlink(probe, "w").close()
         probe.unlink()
     except OSError as e:
         raise ValueError(f"{what} {path}: cannot create or write files there ({e.strerror or e}); "
@@ -1510,7 +1555,12 @@ def non_finite_advice(stats: Optional[List[dict]], args: Config) -> str:
     """Why an update's loss or gradient is not finite, and which setting to change, judged from the loss terms of its
     micro-batches (None: they were finite, the gradient was not)."""
     kl_bad = stats is not None and any(not math.isfinite(st["kl_loss"]) for st in stats)
-    if kl_bad:
+    gaps = [st.get("log_ratio_max", 0.0) for st in stats or []]  # |log rho|: ~1e-5 before an update, < 1 after a sane one
+    if args.cfg > 3 and not all(g < 20 for g in gaps):
+        cause = (f"log rho = log pi_theta - log pi_old reached {max(gaps):.3g} nats, so the ratio overflowed: the teacher-"
+                 f"forced pass and the sampler disagree about the drawn tokens, since guidance multiplies the logits' "
+                 f"rounding errors by up to 1 + cfg = {1 + args.cfg:g}. Lower --cfg (now {args.cfg}; 1.5 to 3 is usual)")
+    elif kl_bad:
         cause = (f"the KL term (beta {args.beta} x k3 KL, whose exp(log pi_ref - log pi_theta) overflowed) is not finite: "
                  f"the policy has moved too far from pi_ref. Lower --lr (now {args.lr}); a larger --beta would not help")
     elif stats is not None:
@@ -1579,7 +1629,8 @@ def starting_policy(policy: Policy, args: Config, device: torch.device):
 
 def measure_policies(policy: Policy, vae, reward_fn, judge, labels, args: Config, device, what: str) -> dict:
     """compare_policies for one set of labels (the training classes, or the held-out ones), printed as `what`."""
-    n, chunk = len(labels), args.sample_batch or args.classes_per_step * args.group_size  # known to fit
+    n = len(labels)  # in chunks a rollout proved to fit on one process (P*G/N images under torchrun)
+    chunk = args.sample_batch or args.classes_per_step * args.group_size // world_size()
     labels, seeds = labels.to(device), image_seeds(len(labels), args.seed, "summary")
     result, drawn = {}, {}  # drawn: per policy, the total reward and each component of every sample
     for name in ("start", "end"):
@@ -1667,15 +1718,26 @@ class ClipClassJudge(nn.Module):
     description = ("CLIP zero-shot over open_clip's 1000 ImageNet class names and its 7 simple templates; the reward's "
                    "own CLIP, so not independent of what was optimised")
 
-    def __init__(self, clip_model, tokenizer, class_names, templates, device: torch.device):
+    def __init__(self, clip_model, tokenizer, class_names, templates, device: torch.device, cache: Optional[Path] = None):
+        """cache: a file that keeps the class embeddings of these CLIP weights (7,000 texts: minutes on a CPU)."""
         super().__init__()
         self.clip = clip_model
-        with torch.no_grad():
-            texts = [template(name) for name in class_names for template in templates]
-            emb = torch.cat([self.clip.encode_text(tokenizer(texts[i:i + 1000]).to(device)).float()
-                             for i in range(0, len(texts), 1000)])
+        texts = [template(name) for name in class_names for template in templates]
+        if cache is not None and cache.is_file():
+            class_emb = torch.load(cache, map_location=device, weights_only=True)
+        else:
+            with torch.no_grad():
+                emb = torch.cat([self.clip.encode_text(tokenizer(texts[i:i + 1000]).to(device)).float()
+                                 for i in range(0, len(texts), 1000)])
             per_template = F.normalize(emb, dim=-1).view(len(class_names), len(templates), -1)  # (classes, templates, D)
-            self.register_buffer("class_emb", F.normalize(per_template.mean(1), dim=-1))  # (classes, D)
+            class_emb = F.normalize(per_template.mean(1), dim=-1)  # (classes, D)
+            if cache is not None:
+                try:
+                    cache.parent.mkdir(parents=True, exist_ok=True)
+                    atomic_save(class_emb.cpu(), cache)
+                except (OSError, ValueError) as e:
+                    print(f"warning: the class embeddings could not be kept in {cache} ({e})", file=sys.stderr)
+        self.register_buffer("class_emb", class_emb)
 
     @torch.no_grad()
     def forward(self, images_B3HW):
@@ -1739,8 +1801,12 @@ def load_judge(args: Config, device: torch.device, reward_fn: Optional[Reward] =
         return None
     import open_clip
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, SIMPLE_IMAGENET_TEMPLATES
+    weights = Path(clip_weights(args))  # the class texts' embeddings are computed once per CLIP weights, then read
+    st = weights.stat() if weights.is_file() else None  # (a file: where it is, its size and time; a tag: its name)
+    key = f"{args.clip_model}|{weights.resolve()}|{st.st_size}|{st.st_mtime_ns}" if st else f"{args.clip_model}|{weights}"
+    cache = cache_dir(args) / f"imagenet_class_emb-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
     return ClipClassJudge(reward_fn.clip, open_clip.get_tokenizer(args.clip_model), IMAGENET_CLASSNAMES,
-                          SIMPLE_IMAGENET_TEMPLATES, device)
+                          SIMPLE_IMAGENET_TEMPLATES, device, cache)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1752,7 +1818,8 @@ class Run:
     """A run of train(), around its loop. `with Run(args) as run` checks every setting and path before any work, joins
     torchrun's processes (appendix H), takes --out for this run alone and reads the checkpoint to resume; a failure
     inside becomes advice that says what to change and what is kept. run.steps(...) installs what measures a step and
-    what speeds it up, resumes, and yields the steps to run, ending early after Ctrl-C, SIGTERM or SIGHUP; run.record
+    what speeds it up, resumes, and yields the steps to run, ending early after Ctrl-C, SIGTERM or SIGHUP (the command
+    line then exits 128 + the signal's number); run.record
     logs, evaluates and saves each step; run.finish writes the comparison of the starting and the final policy and the
     final outputs. Under torchrun every process trains; only the first (ranks.main) prints, evaluates and writes."""
     def __init__(self, args: RunConfig):
@@ -1783,7 +1850,7 @@ class Run:
                           f"(the toy CLIP knows {len(TOY_COLOURS)} colours: {', '.join(TOY_COLOURS)})"
                           + (f", {self.ranks.world} processes." if self.ranks.world > 1 else "."))
                 try:
-                    with failures_keep_checkpoints(out, args):
+                    with output_that_may_go(), failures_keep_checkpoints(out, args):
                         yield self
                 finally:
                     if self.loop is not None:
@@ -1806,8 +1873,8 @@ class Run:
             start, self.records = self.ck["step"], self.ck["records"]
             print(f"resumed {self.out} at step {start}")
         if ranks.main:
-            (self.out / "config.json").write_text(json.dumps(vars(args), indent=1))
-            (self.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            write_text(self.out / "config.json", json.dumps(vars(args), indent=1))
+            write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
             if start == 0:
                 print(f"step 0 evaluation reward {self.evaluate(0):.4f}")
         self.loop = self.step_loop(start)
@@ -1855,18 +1922,19 @@ class Run:
         """The end of the run, on the first process: summary.json (unless stopped early), var_final.pth (official key
         names, LoRA merged), then the pictures, which may fail without taking the rest with them."""
         args, out, summary = self.args, self.out, None
+        stopped = (self.stop[0] if self.stop else "a signal to another process") if self.stopping else None
         if not self.ranks.main:
             self.ranks.barrier()  # until process 0 has written the run's files: a next run may read them
-            return dict(out=out, records=[], var=policy.var, summary=None)
-        if self.stopping:
-            print(f"stopped by {self.stop[0] if self.stop else 'a signal to another process'} after step {self.done}, "
-                  f"checkpoint saved: continue with the same command and --resume")
+            return dict(out=out, records=[], var=policy.var, summary=None, stopped=stopped)
+        if stopped:
+            print(f"stopped by {stopped} after step {self.done}, checkpoint saved: continue with the same command and "
+                  f"--resume")
         elif self.records and args.summary_samples > 0:
             judge = load_judge(args, self.device, reward_fn)
             summary = compare_policies(policy, vae, reward_fn, judge, pool, heldout, args, self.device)
         atomic_save(export_state_dict(policy.var, args), out / "var_final.pth")
         if summary is not None:
-            (out / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
+            write_text(out / "summary.json", json.dumps(summary, indent=1, allow_nan=False) + "\n")
         try:
             first, last = out / "eval_step00000.png", out / f"eval_step{args.steps:05d}.png"
             if self.records and first.exists() and last.exists():
@@ -1880,7 +1948,7 @@ class Run:
         written = [p.name for p in sorted(out.iterdir()) if p.suffix in (".json", ".jsonl", ".png", ".pth", ".pt") and p not in grids]
         print(f"outputs in {out}: {', '.join(written)}" + (f", {len(grids)} evaluation grids eval_step*.png" if grids else ""))
         self.ranks.barrier()
-        return dict(out=out, records=self.records, var=policy.var, summary=summary)
+        return dict(out=out, records=self.records, var=policy.var, summary=summary, stopped=stopped)
 
 
 def check_same_base(old: dict, now: dict, args: Config):
@@ -1936,7 +2004,7 @@ def save_grid(images_B3HW, path: Path, columns: int = 4):
     grid = torch.ones(3, rows * H, columns * W)
     for i, img in enumerate(images_B3HW.float().cpu()):
         grid[:, (i // columns) * H:(i // columns + 1) * H, (i % columns) * W:(i % columns + 1) * W] = img
-    Image.fromarray((grid.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()).save(path)
+    save_png(Image.fromarray((grid.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()), path)
 
 
 def save_before_after(before: Path, after: Path, path: Path):
@@ -1955,7 +2023,7 @@ def save_before_after(before: Path, after: Path, path: Path):
     step = lambda p: int(p.stem.removeprefix("eval_step"))
     draw.text((6, 4), f"before: step {step(before)}", fill="black", font=font)
     draw.text((a.width + 22, 4), f"after: step {step(after)}", fill="black", font=font)
-    canvas.save(path)
+    save_png(canvas, path)
 
 
 def save_reward_curve(records: List[dict], path: Path, width: int = 640, height: int = 360):
@@ -1981,12 +2049,12 @@ def save_reward_curve(records: List[dict], path: Path, width: int = 640, height:
     draw.text((4, height - pad - 10), f"{lo:.4g}", fill="black")
     draw.text((pad, height - pad + 8), f"step {steps[0]}", fill="black")
     draw.text((width - pad - 60, height - pad + 8), f"step {steps[-1]}", fill="black")
-    img.save(path)
+    save_png(img, path)
 
 
 def write_failure(e: Exception, path: Path) -> str:
     """Why writing `path` failed, in words: disk full, read-only file system, no permission, or the error itself."""
-    import errno, shutil
+    import errno
     code = getattr(e, "errno", None)
     free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else None
     if code == errno.ENOSPC or (free is not None and free < 1 << 26):  # torch's zip writer hides ENOSPC ("unexpected pos")
@@ -1995,24 +2063,54 @@ def write_failure(e: Exception, path: Path) -> str:
             errno.EPERM: "permission denied"}.get(code, f"{type(e).__name__}: {e}")
 
 
+class PlantedLink(ValueError):
+    """A file this script writes is a symbolic link."""
+
+
+def open_no_symlink(path: Path, mode: str = "w"):
+    """open(path, mode) for writing ("w", "a", "a+", with or without "b") that refuses to write through a symbolic link:
+    one planted in --out or in the weight cache would send a checkpoint or a PID into any file the user may write."""
+    flags = os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | (os.O_RDWR if "+" in mode else os.O_WRONLY)
+    try:
+        fd = os.open(path, flags | (os.O_APPEND if mode[0] == "a" else os.O_TRUNC), 0o644)
+    except OSError:
+        if Path(path).is_symlink():
+            raise PlantedLink(f"{path} is a symbolic link (to {os.readlink(path)}), and this script never writes through "
+                              f"one: remove the link, or choose another directory") from None
+        raise
+    return os.fdopen(fd, mode)
+
+
+def write_text(path: Path, text: str):
+    with open_no_symlink(path, "w") as f:
+        f.write(text)
+
+
+def save_png(image, path: Path):
+    with open_no_symlink(path, "wb") as f:
+        image.save(f, format="PNG")
+
+
 def atomic_save(obj, path: Path):
     """Write to path.tmp, flush it to disk, then rename it over path. A crash, a full disk or a read-only file system
     mid-write leaves the previous file as it was and no .tmp behind; the error says which of these happened."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
+        tmp.unlink(missing_ok=True)  # a .tmp left by a crash, or a link planted there: removed, never written through
+        with open_no_symlink(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # (a link at path is replaced, not followed)
     except (OSError, RuntimeError) as e:
+        kept = f" The previous {path.name} is intact." if path.exists() else ""
+        raise OSError(f"could not write {path}: {write_failure(e, path)}.{kept} Free some space (or fix the "
+                      f"directory), then continue with --resume.") from None
+    finally:  # also on a second Ctrl-C mid-write
         try:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-        kept = f" The previous {path.name} is intact." if path.exists() else ""
-        raise OSError(f"could not write {path}: {write_failure(e, path)}.{kept} Free some space (or fix the "
-                      f"directory), then continue with --resume.") from None
 
 
 # What a resumed run may change: how long it runs, how often it saves and evaluates, and how it uses the machine.
@@ -2057,7 +2155,7 @@ def log_step(records: List[dict], metrics_path: Path, args: Config):
     """The last step's record: one JSON line in metrics.jsonl, one printed line for a person; and a warning when the
     last STUCK_STEPS steps could not learn anything (every group's rewards equal, so every advantage 0)."""
     rec = records[-1]
-    with open(metrics_path, "a") as f:
+    with open_no_symlink(metrics_path, "a") as f:
         f.write(json.dumps(rec) + "\n")
     from tqdm import tqdm
     tqdm.write(f"step {rec['step']:4d} | reward {rec['reward_mean']:.4f} +- {rec['reward_std']:.4f} | kl_ref {rec['kl_ref']:.2e} | "
@@ -2079,14 +2177,15 @@ def signals_stop_after_the_step():
     """Yields a list to which the first Ctrl-C, SIGTERM or SIGHUP (what Slurm and Kubernetes send before they kill a
     job; a closed terminal) appends its name: the loop then finishes the step, saves and stops. The previous handlers
     are put back at once, so a second signal acts at once (a second Ctrl-C: main's message; SIGTERM: the process
-    ends); not under torchrun, which forwards the first signal to every process itself (and kills them 30 s later if
-    they still run). Signals reach only the main thread: from another thread nothing is installed."""
+    ends); not under torchrun, which forwards the first signal to every process itself and kills them --shutdown-timeout
+    seconds later (30 by default). A signal ignored when the run starts (nohup ignores SIGHUP) stays ignored. Signals
+    reach only the main thread: from another thread nothing is installed."""
     stop = []
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
     signums = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
-    previous = {signum: signal.getsignal(signum) for signum in signums}
+    previous = {signum: signal.getsignal(signum) for signum in signums if signal.getsignal(signum) is not signal.SIG_IGN}
 
     def put_back():
         for signum, handler in previous.items():
@@ -2096,16 +2195,69 @@ def signals_stop_after_the_step():
         stop.append("Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name)
         if len(stop) > 1:  # torchrun: its copy of the first signal
             return
-        print(f"\n{stop[0]}: finishing this step, then saving and stopping" + (" (Ctrl-C again stops at once, without "
-              "saving this step)" if world_size() == 1 else ""), flush=True)
         if world_size() == 1:
             put_back()
-    for signum in signums:
+        try:  # a stop must not depend on a terminal that may have hung up (EIO), nor on a print it interrupted
+            print(f"\n{stop[0]}: finishing this step, then saving and stopping" + (
+                " (Ctrl-C again stops at once, without saving this step)" if world_size() == 1 else
+                " (torchrun kills the processes --shutdown-timeout seconds after a signal, 30 by default; the last "
+                "checkpoint stays intact whatever happens)"), flush=True)
+        except Exception:
+            pass
+    for signum in previous:
         signal.signal(signum, on_signal)
     try:
         yield stop
     finally:
         put_back()
+
+
+def exit_status(result) -> int:
+    """The command line's exit status: 0 for a run that ended, 128 + the signal's number for one a signal stopped
+    early (as a shell reports it), so that a script or a scheduler does not take a stopped run for a finished one."""
+    stopped = result.get("stopped") if isinstance(result, dict) else None
+    signum = {"Ctrl-C": "SIGINT"}.get(stopped, stopped)
+    return 0 if not stopped else 128 + int(getattr(signal, signum)) if hasattr(signal, signum) else 1
+
+
+class SilentWhenGone:
+    """stdout or stderr, which goes silent instead of raising once no one reads it (`| head`, a closed terminal): what a
+    run must finish is its training and its files, not its printout."""
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str):
+        try:
+            return self.stream.write(text)
+        except (OSError, ValueError):
+            self.go_silent()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except (OSError, ValueError):
+            self.go_silent()
+
+    def go_silent(self):
+        try:  # what is still buffered, and Python's own flush at exit, now go to /dev/null
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+        except (OSError, ValueError):
+            self.stream = open(os.devnull, "w")
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextmanager
+def output_that_may_go():
+    """sys.stdout and sys.stderr as SilentWhenGone while the block runs."""
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = SilentWhenGone(sys.stdout), SilentWhenGone(sys.stderr)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = streams
 
 
 @contextmanager
@@ -2166,7 +2318,7 @@ def open_checkpoint(args: Config, out: Path, device: torch.device) -> Optional[d
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"--resume: {path} holds objects other than tensors and plain containers, which "
-                         f"torch.load(weights_only=True) refuses to unpickle ({str(e).splitlines()[0][:160]}). This "
+                         f"torch.load(weights_only=True) refuses to unpickle ({first_line(e)}). This "
                          f"script never writes such a file; it was not loaded, since unpickling it could run code. Start "
                          f"the run again in another --out.") from None
     except Exception as e:
@@ -2189,7 +2341,14 @@ def open_checkpoint(args: Config, out: Path, device: torch.device) -> Optional[d
         raise ValueError(f"--resume --steps {args.steps}: {path} is already at step {ck['step']}, and a run cannot go "
                          f"back; give --steps {ck['step']} or more (the run's own value: {old.get('steps')})")
     ck["records"] = read_metrics(out / "metrics.jsonl", ck["step"])
+    logged = [r["step"] for r in ck["records"]]
+    if logged != list(range(ck["step"])):
+        raise ValueError(f"--resume: {path} is at step {ck['step']}, but {out / 'metrics.jsonl'} records steps "
+                         f"{logged[:3]}{' ...' if len(logged) > 3 else ''} where 0..{ck['step'] - 1} belong: they are not one run's "
+                         f"(a checkpoint.pt copied from another run, or a metrics.jsonl edited or lost). Put that run's "
+                         f"own files together, or start the run again in another --out.")
     return ck
+
 
 
 def checkpoint_problems(ck, args: Config, device: torch.device) -> List[str]:
@@ -2667,6 +2826,7 @@ def run_level(stage: nn.Module, x):
 # ----------------------------------------------------------------------------------------------------------
 
 DIST_TIMEOUT = timedelta(minutes=20)  # a process that hangs (rather than fails) ends the job after this long
+JOIN_TIMEOUT = 120.0  # seconds the processes may take to meet at the start
 
 
 class Ranks:
@@ -2743,7 +2903,11 @@ def split_over_processes(policy: Policy, ranks: Ranks):
 
 def world_size() -> int:
     """The number of processes torchrun started (WORLD_SIZE); 1 without torchrun."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    value = os.environ.get("WORLD_SIZE", "1")
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ValueError(f"the environment sets WORLD_SIZE={value!r}, which torchrun sets to the number of its processes "
+                         f"(a whole number >= 1): unset it to run one process, or start this script with torchrun")
+    return int(value)
 
 
 @contextmanager
@@ -2759,7 +2923,8 @@ def torchrun_processes(device: torch.device):
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     if not dist.is_initialized():  # once per process (a script may call train() more than once), left at exit
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
+        with joining_the_others():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
         atexit.register(dist.destroy_process_group)
     ranks = Ranks(dist.get_rank(), dist.get_world_size(), device)
     stdout = sys.stdout
@@ -2780,6 +2945,32 @@ def torchrun_processes(device: torch.device):
             sys.stdout = stdout
 
 
+@contextmanager
+def joining_the_others():
+    """While the process group forms: after 10 s say what this process waits for, and after JOIN_TIMEOUT end it with a
+    message (nothing has been done yet). torchrun starts every process at once, so they meet within seconds; a
+    process left waiting was most likely started without torchrun in an environment that sets WORLD_SIZE."""
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    what = (f"process {os.environ.get('RANK', '?')} of WORLD_SIZE={world_size()} is waiting at {where} for the other "
+            f"processes of a torchrun job")
+
+    def give_up():
+        sys.stderr.write(f"error: {what} and gave up after {JOIN_TIMEOUT:g} s. Start it with torchrun --nproc_per_node N, "
+                         f"or unset WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT to run one process.\n")
+        sys.stderr.flush()
+        os._exit(1)  # the wait cannot be interrupted from here; nothing is lost, no work has started
+    timers = [threading.Timer(min(10.0, JOIN_TIMEOUT / 3), lambda: print(f"{what}; it gives up after {JOIN_TIMEOUT:g} s", file=sys.stderr)),
+              threading.Timer(JOIN_TIMEOUT, give_up)]
+    for timer in timers:
+        timer.daemon = True
+        timer.start()
+    try:
+        yield
+    finally:
+        for timer in timers:
+            timer.cancel()
+
+
 def peer_failed(e: BaseException) -> bool:
     """Did a collective fail because another process ended? (gloo: the connection closed; NCCL: a backend error)"""
     return isinstance(e, getattr(dist, "DistError", ())) or "closed by peer" in str(e) or "Connection reset" in str(e)
@@ -2787,8 +2978,9 @@ def peer_failed(e: BaseException) -> bool:
 
 def which_process() -> str:
     """" (process r of N)" under torchrun, for messages; "" in one process."""
-    return f" (process {os.environ.get('RANK', '?')} of {world_size()})" if world_size() > 1 else ""
+    value = os.environ.get("WORLD_SIZE", "1").strip()
+    return f" (process {os.environ.get('RANK', '?')} of {value})" if value.isdigit() and int(value) > 1 else ""
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main()))

@@ -43,14 +43,28 @@ SETTINGS = {
 
 
 def run(name: str, flags: list, root: Path, seed: int) -> dict:
-    """One --tiny run; its summary, the wall time, and the final policy."""
+    """One --tiny run; its summary, the wall time, and the final policy. A run that finished before (its summary.json
+    and var_final.pth are there) is read, not repeated; one that a stop interrupted continues with --resume."""
     out = root / name.replace(" ", "").replace(":", "-").replace("+", "-")
     argv = ["--tiny", "--seed", str(seed), "--out", str(out), *flags]
+    command = "python var_grpo.py " + " ".join(a if " " not in a else repr(a) for a in argv[:3] + flags)
+    if (out / "summary.json").is_file() and (out / "var_final.pth").is_file() and (out / "seconds.json").is_file():
+        print(f"{name}: finished before in {out}; read from there")
+        with torch.device("meta"):
+            var = vg.build_var(vg.TOY_ARCH, vg.TOY_DEPTH)
+        return dict(command=command, seconds=json.loads((out / "seconds.json").read_text()),
+                    summary=json.loads((out / "summary.json").read_text()), var=vg.load_weights(var, out / "var_final.pth"))
+    resume = ["--resume"] if (out / "checkpoint.pt").is_file() else []
+    before = json.loads((out / "seconds.json").read_text()) if resume and (out / "seconds.json").is_file() else 0.0
     t0 = time.time()
     with contextlib.redirect_stderr(io.StringIO()):  # the progress bar
-        result = vg.main(argv)
-    return dict(command="python var_grpo.py " + " ".join(a if " " not in a else repr(a) for a in argv[:3] + flags),
-                seconds=time.time() - t0, summary=result["summary"], var=result["var"])
+        result = vg.main(argv + resume)
+    seconds = before + time.time() - t0
+    (out / "seconds.json").write_text(json.dumps(seconds))
+    if result["stopped"]:  # Ctrl-C (or a signal) stops the whole figure, not this run alone
+        raise SystemExit(f"stopped by {result['stopped']} during the {name!r} run; run the same command again to "
+                         f"continue (finished runs are reused, this one resumes)")
+    return dict(command=command, seconds=seconds, summary=result["summary"], var=result["var"])
 
 
 def figure(rows: dict, path: Path, seed: int):
@@ -85,6 +99,11 @@ def main(argv=None):
     parser.add_argument("--out", default=str(vg.TOY_DIR), help="where figure1.png and figure1.json go")
     args = parser.parse_args(argv)
     root, out = Path(args.runs), Path(args.out)
+    try:  # every output is checked before minutes of training
+        vg.check_writable(out, "--out")
+        vg.check_writable(root, "--runs")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     results = {name: run(name, flags, root, args.seed) for name, flags in SETTINGS.items()}
     start = vg.load_models(vg.parse_config(["--tiny"]), torch.device("cpu"))[1]
     figure({"pretrained": start, **{name: r["var"] for name, r in results.items()}}, out / "figure1.png", seed=2024)

@@ -37,9 +37,13 @@ without --out it writes into a new scratch directory, so that no run replaces th
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
+import shutil
 import sys
+import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -462,9 +466,34 @@ def reload(model: nn.Module, path: Path) -> nn.Module:
     return vg.load_weights(model, path).eval().requires_grad_(False)
 
 
+def write_toy_set(folder: Path) -> dict:
+    """The list var_grpo.py checks a toy world's weights against (vg.TOY_SET): each file's sha256, and the set's id,
+    the sha256 of those (so one set has one id, and a half-written or mixed folder is refused at load)."""
+    files = {name: vg.file_sha256(folder / name) for name in WEIGHT_FILES}
+    listed = dict(set=hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest(), files=files)
+    (folder / vg.TOY_SET).write_text(json.dumps(listed, indent=1) + "\n")
+    return listed
+
+
+def put_in_place(staging: Path, out: Path):
+    """Move a finished set from staging into out: the weights, training.json, then the list last, so that a run that
+    reads out meanwhile finds files its list does not name and refuses them, rather than mixing two sets."""
+    for name in (*WEIGHT_FILES, "training.json", vg.TOY_SET):
+        os.replace(staging / name, out / name)
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: a stage needs at least 1 step")
+    return value
+
+
+WEIGHT_FILES = ("judge.pth", "vae.pth", "var.pth", "clip.pth", "aesthetic.pth")
+
+
 def output_dir(out: str) -> Path:
     """--out, else a new scratch directory: the shipped weights are replaced only when --out names their folder."""
-    import tempfile
     return Path(out) if out else Path(tempfile.mkdtemp(prefix="toy_world_"))
 
 
@@ -472,11 +501,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Pretrain the toy world's judge, VQ-VAE, VAR, CLIP and aesthetic head "
                                                  "from scratch.")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--judge-steps", type=int, default=800)
-    parser.add_argument("--vae-steps", type=int, default=4000)
-    parser.add_argument("--var-steps", type=int, default=6000)
-    parser.add_argument("--clip-steps", type=int, default=800)
-    parser.add_argument("--aesthetic-steps", type=int, default=600)
+    parser.add_argument("--judge-steps", type=positive, default=800)
+    parser.add_argument("--vae-steps", type=positive, default=4000)
+    parser.add_argument("--var-steps", type=positive, default=6000)
+    parser.add_argument("--clip-steps", type=positive, default=800)
+    parser.add_argument("--aesthetic-steps", type=positive, default=600)
     parser.add_argument("--out", default="", help=f"where the weights go; default: a new scratch directory. "
                                                   f"--out notebooks/toy replaces the shipped ones ({TOY_DIR})")
     parser.add_argument("--quick", action="store_true", help="a smoke run of 20 steps per stage")
@@ -486,11 +515,26 @@ def main(argv=None):
     out = output_dir(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "training.json.tmp").write_text("")
-        (out / "training.json.tmp").unlink()
+        staging = Path(tempfile.mkdtemp(prefix=".toy_world-", dir=out))  # the new set, until it is whole
     except OSError as e:
         raise SystemExit(f"error: --out {out}: cannot write there ({e.strerror or e}); choose a directory you can write to")
+    if out.resolve() == TOY_DIR.resolve():
+        print(f"note: --out {out} replaces the toy weights the repository ships (`git checkout -- notebooks/toy` "
+              f"restores them); they are replaced together at the end, and Ctrl-C before then changes nothing")
     print(f"writing the toy world's weights to {out}")
+    try:
+        record = build(args, staging, argv)
+        put_in_place(staging, out)
+    except KeyboardInterrupt:
+        raise SystemExit(f"stopped by Ctrl-C; nothing in {out} was changed") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(json.dumps(record, indent=1))
+    return record
+
+
+def build(args, out: Path, argv) -> dict:
+    """Every stage, in order, each exported into out and measured there; then training.json and the set's list."""
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     held_out = torch.Generator().manual_seed(10_000 + args.seed)  # images no stage ever trained on
@@ -553,7 +597,7 @@ def main(argv=None):
                   var=args.var_steps, clip=args.clip_steps, aesthetic=args.aesthetic_steps), minutes=minutes,
                   torch=torch.__version__, open_clip=version("open_clip_torch"), threads=torch.get_num_threads(), **report)
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
-    print(json.dumps(record, indent=1))
+    write_toy_set(out)
     return record
 
 
