@@ -37,8 +37,8 @@ FIXTURES = [Path(p) for p in os.environ.get("VAR_GRPO_FIXTURES", str(TESTDATA / 
 # ------------------------------------------------------------------------------------------------
 
 # FILE_LINES is a ratchet, lowered as the file shrinks: issue 26 asks for 2,500 at equal features (not reached: 2,794
-# after it; the defences of issue 27 then added ~190 lines, all in the appendix).
-METHOD_LINES, FILE_LINES, GRPO_LOSS_BY, GRPO_STEP_LINES = 800, 3000, 600, 45
+# after it; the defences of issue 27 then added ~190 lines and issue 28's reward plug-in ~40, all in the appendix).
+METHOD_LINES, FILE_LINES, GRPO_LOSS_BY, GRPO_STEP_LINES = 800, 3035, 600, 45
 METHOD_SECTIONS = ["Config", "Tokenizer", "Transformer", "Sampling", "Rewards", "GRPO", "The policy", "The training loop",
                    "main"]
 APPENDIX_SECTIONS = ["A.", "B.", "C.", "D.", "E.", "F.", "G.", "H."]
@@ -2243,3 +2243,63 @@ def test_case_21_a_416_without_a_sha256_is_downloaded_afresh(server, tmp_path):
     FileServer.mode = "416 without sha"
     (tmp_path / "w.pth.part").write_bytes(bytes(len(PAYLOAD)))  # as long as the file, but wrong
     assert vg.download(f"{server}/file.pth", tmp_path / "w.pth").read_bytes() == PAYLOAD
+
+
+# ------------------------------------------------------------------------------------------------
+# A reward of your own (issue 28): --reward module:function, without editing var_grpo.py
+# ------------------------------------------------------------------------------------------------
+
+def readme_reward_module(folder: Path) -> Path:
+    """The README's worked example, my_rewards.py, written as the README prints it."""
+    code = re.search(r"## Your own reward.*?```python\n(.*?)```", (HERE / "README.md").read_text(), re.S).group(1)
+    (folder / "my_rewards.py").write_text(code)
+    return folder
+
+
+def test_own_reward_from_the_readme_is_logged_and_summarised(tmp_path, monkeypatch):
+    monkeypatch.chdir(readme_reward_module(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_rewards", raising=False)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the run adds the current directory; this test's only
+    result = vg.main(["--tiny", "--reward", "clip=1,my_rewards:small_shapes=0.5", "--steps", "2", "--group-size", "2",
+                      "--micro-batch", "2", "--summary-samples", "4", "--out", str(tmp_path / "run")])
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0 < record["my_rewards:small_shapes_mean"] < 1 and "clip_mean" in record
+    parts = result["summary"]["components"]
+    assert set(parts) == {"clip", "my_rewards:small_shapes"} and 0 < parts["my_rewards:small_shapes"]["start"] < 1
+    images = torch.zeros(2, 3, 32, 32)
+    images[0, :, 8:24, 8:24] = 1  # a quarter of the image
+    assert torch.allclose(torch.as_tensor(sys.modules["my_rewards"].small_shapes(images)), torch.tensor([0.75, 1.0]))
+
+
+@pytest.mark.parametrize("code, spec, message", [
+    (None, "no_such_module:f=1", r"the module 'no_such_module' cannot be imported .*current directory"),
+    ("def g(images): return [1.0] * len(images)\n", "mine:f=1", r"mine.py has no function 'f'"),
+    ("def f(images): return [1.0, 2.0, 3.0]\n", "mine:f=1", r"returned shape \(3,\) for 2 images; it must return one number per image"),
+    ("def f(images): return images.mean((2, 3))\n", "mine:f=1", r"returned shape \(2, 3\) for 2 images"),
+    ("def f(images): return [float('nan')] * len(images)\n", "mine:f=1", r"returned values that are not finite for 2 random images"),
+    ("def f(images): raise KeyError('colour')\n", "mine:f=1", r"tried on 2 random images \(2, 3, 32, 32\) in \[0, 1\]: KeyError: 'colour'"),
+    ("raise ImportError('needs scipy')\n", "mine:f=1", r"the module 'mine' cannot be imported \(ImportError: needs scipy\)"),
+])
+def test_own_reward_that_cannot_work_is_one_message_before_any_training(tmp_path, monkeypatch, code, spec, message):
+    if code is not None:
+        (tmp_path / "mine.py").write_text(code)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "mine", raising=False)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the run adds the current directory; this test's only
+    monkeypatch.setattr(vg, "grpo_step", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(SystemExit) as e:
+        vg.main(["--tiny", "--reward", f"clip=1,{spec}", "--steps", "1", "--out", str(tmp_path / "run")])
+    assert re.search(message, str(e.value.code)), e.value.code
+    assert "Traceback" not in str(e.value.code)
+
+
+def test_own_reward_runs_in_every_torchrun_process(tmp_path):
+    readme_reward_module(tmp_path)
+    code, output, _ = torchrun(tmp_path, f"""
+os.chdir({str(tmp_path)!r})
+r = vg.main(['--tiny', '--reward', 'clip=1,my_rewards:small_shapes=0.5', '--steps', '2', '--classes-per-step', '2',
+             '--group-size', '2', '--micro-batch', '2', '--summary-samples', '0', '--out', {str(tmp_path / 'run')!r}])
+""", timeout=180)
+    assert code == 0, output
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all("my_rewards:small_shapes_mean" in r for r in records)

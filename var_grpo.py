@@ -109,7 +109,7 @@ class Config:
     prompt: str = "ukiyo-e painting"
     """text the CLIP reward pulls the images towards"""
     reward: str = "clip=1,aesthetic=0.05"
-    """reward components and weights, name=weight,...: clip, aesthetic, and in the toy world redness, area"""
+    """reward components and weights, name=weight,...: clip, aesthetic, in the toy world redness, area; module:function (your own)"""
     clip_model: str = "ViT-L-14-quickgelu"
     """open_clip model name; the OpenAI weights need the -quickgelu variant (--tiny: always the toy CLIP)"""
     cfg: float = 1.5
@@ -167,7 +167,6 @@ OFFICIAL_ARCH = dict(vocab_size=4096, z_channels=32, ch=160, share_quant_resi=4,
 TOY_ARCH = dict(OFFICIAL_ARCH, vocab_size=256, z_channels=16, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, norm_groups=4,
                 patch_nums=(1, 2, 4, 8), num_classes=10)
 TOY_DEPTH = 2
-
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -466,9 +465,6 @@ def image_seeds(n: int, *key) -> List[int]:
     return [seed_of(*key, i) for i in range(n)]
 
 
-DECODE_BATCH = 8  # images per decoder pass: its full-resolution activations dominate the sampler's memory
-
-
 @dataclass
 class Sample:
     tokens: List[torch.Tensor]           # K token maps (B, pn*pn), coarse to fine
@@ -516,6 +512,7 @@ def sample(var: VAR, vae: VQVAE, label_B, seed_B, cfg: float = 1.5, temperature:
 #   clip       cos(E_img(x), E_txt(prompt)), the raw cosine in [-1, 1], of OpenAI CLIP ViT-L/14 (Radford et al. 2021).
 #   aesthetic  the LAION "improved aesthetic predictor": an MLP on the same, L2-normalised image embedding, ~1 to 10.
 #   redness, area  the toy world's pixel statistics: how red the shape is, how much of the image it covers.
+#   module:function  a reward of your own: one number per image (README, "Your own reward").
 # Default weights clip=1, aesthetic=0.05: over LAION's rated images the aesthetic score spans ~4 points (1.66 for
 # rating 0 to 5.75 for rating 9), a CLIP cosine to a style prompt a few tenths, so the prompt leads and aesthetics
 # keep the images clean. In the toy world both learned rewards are small models trained on toy images.
@@ -547,9 +544,10 @@ def shape_redness(images_B3HW):
 class Reward(nn.Module):
     """R(x) = sum_j lambda_j R_j(x). Call it on images (B, 3, H, W) in [0, 1]; it returns the total (B,), each
     component (B,), and the features (B, D) the diversity is measured on (CLIP image embeddings when CLIP ran)."""
-    def __init__(self, weights: dict, clip_model=None, text_emb_D=None, aesthetic: Optional[AestheticHead] = None):
+    def __init__(self, weights: dict, clip_model=None, text_emb_D=None, aesthetic: Optional[AestheticHead] = None,
+                 own: Optional[dict] = None):
         super().__init__()
-        self.weights, self.clip, self.aesthetic = weights, clip_model, aesthetic
+        self.weights, self.clip, self.aesthetic, self.own = weights, clip_model, aesthetic, own or {}
         self.register_buffer("text_emb_D", text_emb_D)  # the prompt, encoded once
 
     @torch.no_grad()
@@ -566,13 +564,15 @@ class Reward(nn.Module):
             parts["redness"] = shape_redness(images_B3HW)
         if "area" in self.weights:
             parts["area"] = shape_mask(images_B3HW).mean((1, 2, 3))
+        for name, reward_of in self.own.items():  # a reward of your own, as a (B,) tensor (appendix A: own_reward)
+            parts[name] = reward_of(images_B3HW)
         if features_BD is None:  # no CLIP: measure diversity on an 8x8 thumbnail, centred on grey
             features_BD = (F.adaptive_avg_pool2d(images_B3HW.float(), 8) - 0.5).flatten(1)
         total_B = sum(self.weights[name] * part_B for name, part_B in parts.items())
         for name, part_B in {**parts, "weighted": total_B}.items():
             if not torch.isfinite(part_B).all():
                 raise FloatingPointError(f"the {name} reward is not finite for {(~torch.isfinite(part_B)).sum().item()} "
-                                         f"image(s); " + (f"check the {name} model's weights and inputs" if name in parts
+                                         f"image(s); " + (f"check what computes it and its inputs" if name in parts
                                          else f"the weights {self.weights} overflow float32: make them smaller"))
         return total_B, parts, features_BD
 
@@ -795,10 +795,12 @@ def main(argv: Optional[List[str]] = None):
 import argparse
 import ast
 import atexit
+import importlib
 import inspect
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import sys
@@ -1169,10 +1171,52 @@ def load_aesthetic_for(args: Config, dim: int, device: torch.device, random_weig
     return aesthetic.to(device).eval().requires_grad_(False)
 
 
+def own_reward(name: str):
+    """The function of `--reward module:function`, imported from the current directory or PYTHONPATH."""
+    module_name, _, function = name.partition(":")
+    if os.getcwd() not in sys.path:  # `python var_grpo.py` puts the script's folder on the path, not the current one
+        sys.path.insert(0, os.getcwd())
+    importlib.invalidate_caches()  # a module written since this process started is found
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise ValueError(f"--reward {name}: the module {module_name!r} cannot be imported ({type(e).__name__}: "
+                         f"{first_line(e)}); it must be {module_name.replace('.', '/')}.py in the current directory "
+                         f"({os.getcwd()}) or on PYTHONPATH") from None
+    reward_of = getattr(module, function, None)
+    if not callable(reward_of):
+        raise ValueError(f"--reward {name}: {getattr(module, '__file__', module_name)} has no function {function!r}")
+
+    def reward_B(images_B3HW):  # its result as a (B,) float32 tensor on the images' device, or an error that says why
+        out = torch.as_tensor(reward_of(images_B3HW), dtype=torch.float32, device=images_B3HW.device)
+        if out.shape != (len(images_B3HW),):
+            raise ValueError(f"the reward {name} returned shape {tuple(out.shape)} for {len(images_B3HW)} images; it "
+                             f"must return one number per image")
+        return out
+    return reward_B
+
+
+def probe_own_rewards(own: dict, side: int):
+    """Call each reward of one's own on 2 random images of the run's size before any training: one finite number each."""
+    images_B3HW = torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(0))
+    for name, reward_B in own.items():
+        try:
+            finite = torch.isfinite(reward_B(images_B3HW)).all()
+        except Exception as e:
+            raise ValueError(f"--reward {name}, tried on 2 random images (2, 3, {side}, {side}) in [0, 1]: "
+                             f"{type(e).__name__}: {first_line(e)}") from None
+        if not finite:
+            raise ValueError(f"--reward {name} returned values that are not finite for 2 random images (2, 3, {side}, "
+                             f"{side}) in [0, 1]; it must return one finite number per image")
+
+
 def build_reward(args: Config, device: torch.device, random_weights: bool = False) -> Reward:
     """The reward of --reward. CLIP and the aesthetic head are loaded in appendix A: the real weights, the toy world's
-    under --tiny, or (random_weights: --bench, no download) the --clip-model architecture, untrained."""
+    under --tiny, or (random_weights: --bench, no download) the --clip-model architecture, untrained. Rewards of one's
+    own are imported and tried on two images first."""
     weights = parse_reward_spec(args.reward)
+    own = {name: own_reward(name) for name in weights if ":" in name}
+    probe_own_rewards(own, 32 if args.tiny else 256)
     clip_model = text_emb_D = aesthetic = None
     if "clip" in weights or "aesthetic" in weights:
         clip_model, tokenizer = load_clip_for(args, device, random_weights)
@@ -1180,7 +1224,7 @@ def build_reward(args: Config, device: torch.device, random_weights: bool = Fals
             text_emb_D = F.normalize(clip_model.encode_text(tokenizer([args.prompt]).to(device)).float(), dim=-1)[0]
         if "aesthetic" in weights:
             aesthetic = load_aesthetic_for(args, text_emb_D.shape[0], device, random_weights)
-    return Reward(weights, clip_model, text_emb_D, aesthetic).to(device)
+    return Reward(weights, clip_model, text_emb_D, aesthetic, own).to(device)
 
 
 def clip_preprocess(images_B3HW, size: int, mean, std):
@@ -1290,9 +1334,9 @@ def parse_reward_spec(spec: str) -> dict:
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, eq, value = part.partition("=")
         name = name.strip()
-        if name not in REWARD_NAMES:
+        if name not in REWARD_NAMES and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", name):
             raise ValueError(f"--reward: unknown component {name!r} in {spec!r}; choose from {', '.join(REWARD_NAMES)}, "
-                             f"e.g. --reward clip=1,aesthetic=0.05")
+                             f"or module:function for a reward of your own, e.g. --reward clip=1,aesthetic=0.05")
         try:
             weight = float(value) if eq else float("nan")
         except ValueError:
@@ -1433,6 +1477,8 @@ def check_config(args: Config):
         except ValueError as e:
             problems.append(str(e))
     reward = attempt(parse_reward_spec, args.reward) or {}
+    for name in [name for name in reward if ":" in name]:  # a reward of one's own: importable before any download
+        attempt(own_reward, name)
     attempt(class_pools, args, (TOY_ARCH if args.tiny else OFFICIAL_ARCH)["num_classes"])
     attempt(resolve_device, args.device)
     need("clip" not in reward or bool(args.prompt.strip()), "--prompt is empty but the clip reward needs a text to "
@@ -2405,6 +2451,9 @@ def read_metrics(path: Path, before_step: int) -> List[dict]:
 # (--cuda-graphs), activations recomputed in the backward pass (--grad-checkpointing). None changes the method;
 # use_the_device installs them into the policy when the run starts.
 # ----------------------------------------------------------------------------------------------------------
+
+DECODE_BATCH = 8  # images per decoder pass in `sample`: its full-resolution activations dominate the sampler's memory
+
 
 def autocast(device: torch.device):
     """bf16 autocast on GPU (as the official code runs), plain fp32 on CPU (exact parity)."""
