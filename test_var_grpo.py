@@ -1477,7 +1477,8 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-u", str(HERE / "var_grpo.py"), "--tiny", "--out", str(out), "--eval-every", "1000",
            "--save-every", "1000", "--summary-samples", "0"]
-    proc = subprocess.Popen(cmd + ["--steps", "200"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(cmd + ["--steps", "200"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # (a background suite ignores it)
     for line in proc.stdout:
         if line.startswith("step    2 |"):
             proc.send_signal(signal.SIGINT)
@@ -1497,6 +1498,7 @@ def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path, monkeypatch
     """Two SIGINTs during the third step: the first asks to stop after the step, the second stops at once; the
     command line exits with 130 and a message, and the checkpoints written so far are kept."""
     import signal, time
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, also when the suite runs in the background
     real_step, calls = vg.grpo_step, []
 
     def step_interrupted_twice(*args, **kwargs):
@@ -1611,7 +1613,17 @@ def test_sigterm_finishes_the_step_saves_and_resume_completes_the_run_bit_for_bi
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_sighup_is_caught_like_ctrl_c_and_the_handlers_are_put_back():
+@pytest.fixture()
+def sighup_not_ignored():
+    """SIGHUP at its default for the test, as in a terminal: a suite started under nohup inherits it ignored, and a run
+    keeps an ignored signal ignored (test_case_06)."""
+    import signal
+    before = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGHUP, before)
+
+
+def test_sighup_is_caught_like_ctrl_c_and_the_handlers_are_put_back(sighup_not_ignored):
     import signal
     before = signal.getsignal(signal.SIGHUP)
     with vg.signals_stop_after_the_step() as stop:
@@ -1989,8 +2001,9 @@ def test_case_06_under_nohup_sighup_is_ignored_and_a_stopped_run_exits_non_zero(
     rest = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0 and "SIGHUP" not in rest, rest
     assert len((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()) == 6
+    default_hup = lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal, whatever started the suite
     proc = subprocess.Popen(cmd + ["--steps", "200", "--out", str(tmp_path / "b")], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+                            stderr=subprocess.DEVNULL, text=True, preexec_fn=default_hup)
     for line in proc.stdout:
         if line.startswith("step    1"):
             proc.send_signal(signal.SIGHUP)
@@ -1999,7 +2012,7 @@ def test_case_06_under_nohup_sighup_is_ignored_and_a_stopped_run_exits_non_zero(
     assert proc.returncode == 128 + signal.SIGHUP and "stopped by SIGHUP" in rest, (proc.returncode, rest)
 
 
-def test_case_06_a_stop_does_not_depend_on_printing(monkeypatch):
+def test_case_06_a_stop_does_not_depend_on_printing(monkeypatch, sighup_not_ignored):
     """The terminal has hung up: printing raises EIO. The signal still asks the loop to stop, and nothing is raised."""
     import errno, signal
 
