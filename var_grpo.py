@@ -572,7 +572,7 @@ class Reward(nn.Module):
         for name, part_B in {**parts, "weighted": total_B}.items():
             if not torch.isfinite(part_B).all():
                 raise FloatingPointError(f"the {name} reward is not finite for {(~torch.isfinite(part_B)).sum().item()} "
-                                         f"image(s); " + (f"check what computes it and its inputs" if name in parts
+                                         f"image(s); " + ("check what computes it and its inputs" if name in parts
                                          else f"the weights {self.weights} overflow float32: make them smaller"))
         return total_B, parts, features_BD
 

@@ -17,6 +17,7 @@ import copy
 import io
 import json
 import math
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -296,6 +297,7 @@ def final_run(group_advantages, grpo_loss, token_logprobs, grpo_step, checks_pas
             result = vg.train(vg.RunConfig(**{**vg.TINY_DEFAULTS, "tiny": True, "steps": steps, "out": str(out / "run")}))
     finally:
         vg.group_advantages, vg.grpo_loss, vg.token_logprobs, vg.grpo_step = real.values()
+        shutil.rmtree(out, ignore_errors=True)
     s = result["summary"]
     print(f"your run ({steps} steps): lime shapes {s['colours_start']['lime']:.1%} -> {s['colours_end']['lime']:.1%}, "
           f"class accuracy {s['class_accuracy_start']:.1%} -> {s['class_accuracy_end']:.1%}, over {s['samples']} fresh "

@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import math
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -60,8 +61,11 @@ def grpo_run(colour: str, reward: str, seed: int, steps: int, temperature: float
              "--summary-samples", str(summary_samples), "--eval-every", "1000000", "--save-every", "1000000",
              "--prompt", f"a {colour} shape",
              "--reward", "clip=1" if reward == "prompt" else f"reach:{colour}_pixels=1", "--out", str(out)]
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        summary = vg.main(flags)["summary"]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            summary = vg.main(flags)["summary"]
+    finally:
+        shutil.rmtree(out.parent, ignore_errors=True)
     result = dict(start=summary["colours_start"][colour], end=summary["colours_end"][colour],
                   accuracy_end=summary["class_accuracy_end"], samples=summary["samples"])
     if record is not None:
