@@ -1055,10 +1055,9 @@ def check_toy_set(paths: dict):
         if name == "var" and (listed is None or path.name not in listed["files"]):
             continue
         if listed is None or listed["files"].get(path.name) != file_sha256(path):
-            raise WeightsError(f"{path} is not " + ("one of the files" if listed else f"beside a {TOY_SET} (the list")
-                               + f" of a toy world written whole by notebooks/toy_world.py{'' if listed else ')'}: the "
-                               f"folder holds a half-written or mixed set, and a VAE of one set decodes the tokens of "
-                               f"another into noise.\n{TOY_RESTORE}")
+            raise WeightsError(f"{path} is not a file that {path.parent / TOY_SET} lists (notebooks/toy_world.py writes "
+                               f"that list last, after a whole set): the folder holds a half-written or mixed set, and "
+                               f"a VAE of one set decodes the tokens of another into noise.\n{TOY_RESTORE}")
         sets[name] = listed["set"]
     if len(set(sets.values())) > 1:
         raise WeightsError("the toy weights come from different runs of toy_world.py: " + ", ".join(
@@ -1768,10 +1767,10 @@ class ClipClassJudge(nn.Module):
         """cache: a file that keeps the class embeddings of these CLIP weights (7,000 texts: minutes on a CPU)."""
         super().__init__()
         self.clip = clip_model
-        texts = [template(name) for name in class_names for template in templates]
         if cache is not None and cache.is_file():
             class_emb = torch.load(cache, map_location=device, weights_only=True)
         else:
+            texts = [template(name) for name in class_names for template in templates]
             with torch.no_grad():
                 emb = torch.cat([self.clip.encode_text(tokenizer(texts[i:i + 1000]).to(device)).float()
                                  for i in range(0, len(texts), 1000)])
@@ -2109,10 +2108,6 @@ def write_failure(e: Exception, path: Path) -> str:
             errno.EPERM: "permission denied"}.get(code, f"{type(e).__name__}: {e}")
 
 
-class PlantedLink(ValueError):
-    """A file this script writes is a symbolic link."""
-
-
 def open_no_symlink(path: Path, mode: str = "w"):
     """open(path, mode) for writing ("w", "a", "a+", with or without "b") that refuses to write through a symbolic link:
     one planted in --out or in the weight cache would send a checkpoint or a PID into any file the user may write."""
@@ -2121,7 +2116,7 @@ def open_no_symlink(path: Path, mode: str = "w"):
         fd = os.open(path, flags | (os.O_APPEND if mode[0] == "a" else os.O_TRUNC), 0o644)
     except OSError:
         if Path(path).is_symlink():
-            raise PlantedLink(f"{path} is a symbolic link (to {os.readlink(path)}), and this script never writes through "
+            raise ValueError(f"{path} is a symbolic link (to {os.readlink(path)}), and this script never writes through "
                               f"one: remove the link, or choose another directory") from None
         raise
     return os.fdopen(fd, mode)
@@ -2262,8 +2257,10 @@ def exit_status(result) -> int:
     """The command line's exit status: 0 for a run that ended, 128 + the signal's number for one a signal stopped
     early (as a shell reports it), so that a script or a scheduler does not take a stopped run for a finished one."""
     stopped = result.get("stopped") if isinstance(result, dict) else None
-    signum = {"Ctrl-C": "SIGINT"}.get(stopped, stopped)
-    return 0 if not stopped else 128 + int(getattr(signal, signum)) if hasattr(signal, signum) else 1
+    if not stopped:
+        return 0
+    signum = getattr(signal, {"Ctrl-C": "SIGINT"}.get(stopped, stopped), None)  # None: a signal to another process
+    return 128 + int(signum) if signum is not None else 1
 
 
 class SilentWhenGone:

@@ -195,7 +195,7 @@ def check_token_logprobs(token_logprobs) -> bool:
 # Exercise 4: one GRPO step (docstring steps 4-8), against the project's grpo_step on copies of one policy
 # ----------------------------------------------------------------------------------------------------------
 
-def grpo_step_cases(grpo_step, group_advantages=vg.group_advantages):
+def grpo_step_cases(grpo_step):
     vae, var = toy_models()
     args = vg.RunConfig(**{**vg.TINY_DEFAULTS, "tiny": True, "classes_per_step": 2, "group_size": 4, "micro_batch": 4,
                            "inner_epochs": 2, "max_grad_norm": 0.05})
