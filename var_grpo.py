@@ -1482,7 +1482,8 @@ def check_config(args: Config):
     attempt(resolve_device, args.device)
     need("clip" not in reward or bool(args.prompt.strip()), "--prompt is empty but the clip reward needs a text to "
                                                             "compare the images with")
-    need(args.tiny or not {"clip", "aesthetic"} & set(reward) or args.clip_model == Config.clip_model or bool(args.clip_ckpt),
+    need(args.tiny or args.bench or not {"clip", "aesthetic"} & set(reward) or args.clip_model == Config.clip_model
+         or bool(args.clip_ckpt),
          f"--clip-model {args.clip_model} needs --clip-ckpt: a local weight file or an open_clip pretrained tag "
          f"(python -c 'import open_clip; print(open_clip.list_pretrained())')")
     if problems:
@@ -1491,6 +1492,8 @@ def check_config(args: Config):
 
 def check_writable(path: Path, what: str):
     """Create directory `path` if needed and prove it takes a file, before any work is done there."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is a file; give a directory (it is created if missing)")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"
@@ -1642,13 +1645,8 @@ def filter_top_k_top_p(logits_BlV, top_k: int = 0, top_p: float = 0.0):
 
 @torch.no_grad()
 def compare_policies(policy: Policy, vae, reward_fn, judge, pool, heldout, args: Config, device) -> dict:
-    """Did the policy change, or did the training batches get lucky? Fresh samples of the starting policy
-    and of the final one, with the same classes and seeds, drawn as in training (guidance, temperature, no top-k):
-    their mean reward with the standard error of the difference (unpaired, and paired by class and seed), each reward
-    component alone, their diversity (mean pairwise distance of the reward features between samples of one class),
-    and the judge's class accuracy with its standard error; in the toy world also the share of each colour, and of
-    the colour the prompt names, measured from pixels. The classes never drawn for training (heldout) are measured
-    the same way, apart. Every number is finite or null (summary.json is strict JSON)."""
+    """Did the policy change, or did the training batches get lucky? measure_policies on fresh samples of the starting
+    and the final policy, for the training classes and, apart, the held-out ones (summary.json, strict JSON)."""
     result = measure_policies(policy, vae, reward_fn, judge, spread_classes(pool, args.summary_samples, args.seed),
                               args, device, "training classes")
     if len(heldout):
@@ -1673,7 +1671,10 @@ def starting_policy(policy: Policy, args: Config, device: torch.device):
 
 
 def measure_policies(policy: Policy, vae, reward_fn, judge, labels, args: Config, device, what: str) -> dict:
-    """compare_policies for one set of labels (the training classes, or the held-out ones), printed as `what`."""
+    """Fresh samples of both policies, same classes and seeds, drawn as in training (guidance, temperature, no top-k):
+    the mean reward with the standard error of the change (unpaired, and paired by class and seed), each component
+    alone, diversity (mean pairwise distance of the reward features within a class), the judge's class accuracy; in
+    the toy world the share of each colour, measured from pixels. Every number finite or null; printed as `what`."""
     n = len(labels)  # in chunks a rollout proved to fit on one process (P*G/N images under torchrun)
     chunk = args.sample_batch or args.classes_per_step * args.group_size // world_size()
     labels, seeds = labels.to(device), image_seeds(len(labels), args.seed, "summary")
@@ -1862,11 +1863,9 @@ def load_judge(args: Config, device: torch.device, reward_fn: Optional[Reward] =
 class Run:
     """A run of train(), around its loop. `with Run(args) as run` checks every setting and path before any work, joins
     torchrun's processes (appendix H), takes --out for this run alone and reads the checkpoint to resume; a failure
-    inside becomes advice that says what to change and what is kept. run.steps(...) installs what measures a step and
-    what speeds it up, resumes, and yields the steps to run, ending early after Ctrl-C, SIGTERM or SIGHUP (the command
-    line then exits 128 + the signal's number); run.record
-    logs, evaluates and saves each step; run.finish writes the comparison of the starting and the final policy and the
-    final outputs. Under torchrun every process trains; only the first (ranks.main) prints, evaluates and writes."""
+    inside becomes advice that says what to change and what is kept. Then run.steps yields the steps (a signal ends
+    them early), run.record logs, evaluates and saves each, run.finish writes the final outputs. Under torchrun every
+    process trains; only the first (ranks.main) prints, evaluates and writes."""
     def __init__(self, args: RunConfig):
         check_config(args)
         self.args, self.out, self.loop, self.stop, self.stopping = args, out_dir(args), None, [], False
