@@ -116,6 +116,18 @@ def test_the_reading_budget_catches_what_it_guards_against():
     assert any("main is used before its definition" in p for p in reading_budget_problems(early))
 
 
+def test_the_readme_gives_the_files_figures_as_they_are():
+    """The README's figures of var_grpo.py (where the appendix starts, the file's length, grpo_step's length) are the
+    file's own, so that an edit cannot leave them stale."""
+    import ast
+    source = (HERE / "var_grpo.py").read_text()
+    lines, readme = source.splitlines(), (HERE / "README.md").read_text()
+    appendix = next(i for i, line in enumerate(lines, 1) if line.startswith("# APPENDIX"))
+    step = next(node for node in ast.parse(source).body if getattr(node, "name", "") == "grpo_step")
+    assert f"(line {appendix - 1} of {len(lines):,})" in readme
+    assert f"updates; {step.end_lineno - step.lineno + 1} lines)" in readme
+
+
 # ------------------------------------------------------------------------------------------------
 # Official checkpoints: keys, shapes and parameter counts (built on the meta device: instant)
 # ------------------------------------------------------------------------------------------------
