@@ -37,8 +37,9 @@ FIXTURES = [Path(p) for p in os.environ.get("VAR_GRPO_FIXTURES", str(TESTDATA / 
 # ------------------------------------------------------------------------------------------------
 
 # FILE_LINES is a ratchet, lowered as the file shrinks: issue 26 asks for 2,500 at equal features (not reached: 2,794
-# after it; the defences of issue 27 then added ~190 lines and issue 28's reward plug-in ~40, all in the appendix).
-METHOD_LINES, FILE_LINES, GRPO_LOSS_BY, GRPO_STEP_LINES = 800, 3031, 600, 45
+# after it; the defences of issue 27 then added ~190 lines, issue 28's reward plug-in ~40, and shape_colour, which
+# notebooks/reach.py calls instead of repeating its two lines, 2; all in the appendix).
+METHOD_LINES, FILE_LINES, GRPO_LOSS_BY, GRPO_STEP_LINES = 800, 3033, 600, 45
 METHOD_SECTIONS = ["Config", "Tokenizer", "Transformer", "Sampling", "Rewards", "GRPO", "The policy", "The training loop",
                    "main"]
 APPENDIX_SECTIONS = ["A.", "B.", "C.", "D.", "E.", "F.", "G.", "H."]

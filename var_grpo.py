@@ -1802,13 +1802,16 @@ TOY_COLOURS = {"red": (0.9, 0.135, 0.135), "orange": (0.9, 0.5175, 0.135), "yell
 TOY_PALETTE = tuple(TOY_COLOURS)[:8]
 
 
-def toy_colour_of(images_B3HW, within: float = 0.2):
-    """What colour each toy shape is, measured from pixels, apart from any reward model: the median colour of the
-    shape's inner pixels (those wholly inside its silhouette, so that no edge blends in the background), and the
-    index in TOY_COLOURS of the nearest colour, or len(TOY_COLOURS) ("none") where none lies within `within` (RGB
-    distance; drawn shapes: 99.7% right, their VQ-VAE reconstructions: 94%). (B,)"""
+def shape_colour(images_B3HW):
+    """The median colour of each toy shape's pixels wholly inside its silhouette (no edge blends in); NaN: no shape. (B, 3)"""
     inner_B1HW = shape_mask(images_B3HW) >= 0.999
-    colour_B3 = images_B3HW.float().masked_fill(~inner_B1HW, float("nan")).flatten(2).nanmedian(dim=2).values
+    return images_B3HW.float().masked_fill(~inner_B1HW, float("nan")).flatten(2).nanmedian(dim=2).values
+
+
+def toy_colour_of(images_B3HW, within: float = 0.2):
+    """Each toy shape's colour from pixels, apart from any reward model: the index in TOY_COLOURS nearest its shape_colour,
+    or len(TOY_COLOURS) ("none") beyond `within` (RGB distance; drawn shapes 99.7% right, VQ-VAE's 94%). (B,)"""
+    colour_B3 = shape_colour(images_B3HW)
     distance = torch.cdist(colour_B3, torch.tensor(list(TOY_COLOURS.values()), device=images_B3HW.device))  # (B, colours)
     return torch.where(distance.min(1).values <= within, distance.argmin(1), len(TOY_COLOURS))
 
@@ -2390,7 +2393,6 @@ def open_checkpoint(args: Config, out: Path, device: torch.device) -> Optional[d
                          f"(a checkpoint.pt copied from another run, or a metrics.jsonl edited or lost). Put that run's "
                          f"own files together, or start the run again in another --out.")
     return ck
-
 
 
 def checkpoint_problems(ck, args: Config, device: torch.device) -> List[str]:

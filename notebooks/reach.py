@@ -19,13 +19,12 @@ import var_grpo as vg
 
 
 def colour_reward(name: str):
-    """A pixel reward for the toy colour `name`: minus the RGB distance between the shape's median inner colour (as
+    """A pixel reward for the toy colour `name`: minus the RGB distance between the shape's colour (vg.shape_colour, as
     vg.toy_colour_of measures it) and the colour; -2 for an image without a shape."""
     target = torch.tensor(vg.TOY_COLOURS[name])
 
     def reward(images_B3HW):
-        inner_B1HW = vg.shape_mask(images_B3HW) >= 0.999
-        colour_B3 = images_B3HW.float().masked_fill(~inner_B1HW, float("nan")).flatten(2).nanmedian(dim=2).values
+        colour_B3 = vg.shape_colour(images_B3HW)
         return -(colour_B3 - target.to(images_B3HW.device)).norm(dim=1).nan_to_num(2.0).clamp(max=2.0)
     reward.__name__ = f"{name}_pixels"
     return reward
