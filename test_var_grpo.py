@@ -36,17 +36,19 @@ FIXTURES = [Path(p) for p in os.environ.get("VAR_GRPO_FIXTURES", str(TESTDATA / 
 # A new feature finds its place in the appendix (as tinygrad holds its line count in CI).
 # ------------------------------------------------------------------------------------------------
 
-# FILE_LINES is a ratchet, lowered as the file shrinks: issue 26 asks for 2,500 at equal features (not reached: 2,794
-# after it; the defences of issue 27 then added ~190 lines, issue 28's reward plug-in ~40, and shape_colour, which
-# notebooks/reach.py calls instead of repeating its two lines, 2; all in the appendix).
-METHOD_LINES, FILE_LINES, GRPO_LOSS_BY, GRPO_STEP_LINES = 800, 3033, 600, 45
+# Fixed caps, not a ratchet: a new feature displaces something. FILE_LINES is the length this cap was set at, not
+# yet the 2,600 that issue 33 asks for; it may only be lowered. README_LINES is issue 33's cap.
+METHOD_LINES, FILE_LINES, GRPO_LOSS_BY, GRPO_STEP_LINES, PLUMBING_LINES, README_LINES = 800, 2816, 600, 45, 10, 450
 METHOD_SECTIONS = ["Config", "Tokenizer", "Transformer", "Sampling", "Rewards", "GRPO", "The policy", "The training loop",
                    "main"]
 APPENDIX_SECTIONS = ["A.", "B.", "C.", "D.", "E.", "F.", "G.", "H."]
-# what the method must not contain: torchrun, timing, files, signals, resuming (appendices C, D, H do these)
-PLUMBING = {"dist", "Ranks", "ranks", "world_size", "torchrun_processes", "split_over_processes", "which_process", "DDP",
+# torchrun, timing, files, signals, resuming: the method may call them on at most PLUMBING_LINES lines, each with a
+# comment that names the appendix section doing it (as nanoGPT's few ddp lines)
+PLUMBING = {"dist", "Ranks", "ranks", "world_size", "torchrun_processes", "which_process", "DDP",
             "all_reduce", "all_gather", "barrier", "no_sync", "time", "perf_counter", "PhaseClock", "clock", "open", "Path",
             "json", "save", "load", "atomic_save", "save_checkpoint", "signal", "resume", "start_or_resume", "os", "environ"}
+HOOKS = {"register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook", "register_backward_hook",
+         "register_full_backward_pre_hook", "register_module_forward_hook", "register_module_forward_pre_hook"}
 
 
 def reading_budget_problems(source: str) -> list:
@@ -80,41 +82,76 @@ def reading_budget_problems(source: str) -> list:
             problems.append(f"grpo_loss starts at line {node.lineno}, not before {GRPO_LOSS_BY}")
         if name == "grpo_step" and node.end_lineno - node.lineno + 1 > GRPO_STEP_LINES:
             problems.append(f"grpo_step has {node.end_lineno - node.lineno + 1} lines, more than {GRPO_STEP_LINES}")
+    plumbing_lines = set()
     for node in tree.body:
         if node.lineno >= appendix:
             continue
         for sub in ast.walk(node):
             name = sub.id if isinstance(sub, ast.Name) else sub.attr if isinstance(sub, ast.Attribute) else None
             if name in PLUMBING:
-                problems.append(f"line {sub.lineno}: {name!r} in the method part (plumbing: it belongs in the appendix)")
+                if "# appendix " not in lines[sub.lineno - 1]:
+                    problems.append(f"line {sub.lineno}: {name!r} in the method part without a comment naming the "
+                                    f"appendix section that does it")
+                plumbing_lines.add(sub.lineno)
             if isinstance(sub, ast.Name) and sub.id in defined and sub.id != getattr(node, "name", None):
                 first = defined[sub.id].lineno
                 if sub.lineno < first < appendix:
                     problems.append(f"line {sub.lineno}: {sub.id} is used before its definition at line {first}")
+    if len(plumbing_lines) > PLUMBING_LINES:
+        problems.append(f"the method calls plumbing on {len(plumbing_lines)} lines, more than {PLUMBING_LINES}")
+    # what runs is what a reader sees: no method of the method's classes (or any forward) replaced, no hooks
+    methods = {f.name for c in tree.body if isinstance(c, ast.ClassDef) and c.lineno < appendix for f in c.body
+               if isinstance(f, ast.FunctionDef) and not f.name.startswith("__")} | {"forward"}
+    for sub in ast.walk(tree):
+        targets = sub.targets if isinstance(sub, ast.Assign) else [sub.target] if isinstance(sub, ast.AugAssign) else []
+        for target in targets:
+            for t in (target.elts if isinstance(target, ast.Tuple) else [target]):
+                if isinstance(t, ast.Attribute) and t.attr in methods:
+                    problems.append(f"line {sub.lineno}: .{t.attr} is replaced at run time")
+        if isinstance(sub, ast.Call) and isinstance(sub.func, ast.Attribute) and sub.func.attr in HOOKS:
+            problems.append(f"line {sub.lineno}: a hook ({sub.func.attr}) does plumbing out of sight")
+        if (isinstance(sub, ast.Call) and isinstance(sub.func, ast.Name) and sub.func.id == "setattr" and len(sub.args) > 1
+                and isinstance(sub.args[1], ast.Constant) and sub.args[1].value in methods):
+            problems.append(f"line {sub.lineno}: .{sub.args[1].value} is replaced at run time")
     return problems
 
 
 def test_the_method_part_keeps_its_reading_budget():
     """The method part (before the APPENDIX banner) is at most 800 lines, in pipeline order, defines every name before
-    using it (appendix helpers aside), and holds no torchrun, timing, file, signal or resume code; grpo_loss comes
+    using it (appendix helpers aside), and calls torchrun, timing, file or signal code on at most 10 lines, each with a
+    comment naming the appendix section; no method is replaced at run time and no hook does plumbing; grpo_loss comes
     before line 600, grpo_step is at most 45 lines, the file at most FILE_LINES."""
     problems = reading_budget_problems((HERE / "var_grpo.py").read_text())
     assert not problems, "the reading budget is broken:\n  " + "\n  ".join(problems)
+    readme = len((HERE / "README.md").read_text().splitlines())
+    assert readme <= README_LINES, f"README.md has {readme} lines, more than {README_LINES}: say each figure once"
+    assert len([x for x in (HERE / "var_grpo.py").read_text().splitlines() if len(x) > 160]) == 0
 
 
 def test_the_reading_budget_catches_what_it_guards_against():
-    """The budget check itself: a method part that grew, a section out of order, a name used before its definition and
-    a torchrun call in grpo_step are each reported."""
+    """The budget check itself: a method part that grew, a section out of order, a name used before its definition, a
+    torchrun call without its comment, too many plumbing lines, a method replaced at run time and a hook are each
+    reported."""
     source = (HERE / "var_grpo.py").read_text()
     assert reading_budget_problems(source) == []
     grown = source.replace("# APPENDIX", "\n" * 300 + "# APPENDIX", 1)
     assert any("the method part has" in p for p in reading_budget_problems(grown))
-    swapped = source.replace("# Tokenizer, step 1", "# Transformerx", 1).replace("# Transformer, step 2", "# Tokenizer", 1)
+    longer = source + "\n" * 10
+    assert any("the file has" in p for p in reading_budget_problems(longer))
+    swapped = source.replace("# Tokenizer, §1", "# Transformerx", 1).replace("# Transformer, §2", "# Tokenizer", 1)
     assert any("the method's sections are" in p for p in reading_budget_problems(swapped))
     torchrun = source.replace("    adv_B = group_advantages(", "    dist.barrier()\n    adv_B = group_advantages(", 1)
-    assert any("'dist' in the method part" in p for p in reading_budget_problems(torchrun))
+    assert any("'dist' in the method part without a comment" in p for p in reading_budget_problems(torchrun))
+    many = source.replace("    adv_B = group_advantages(", "    policy.ranks.barrier()  # appendix H\n" * 3
+                          + "    adv_B = group_advantages(", 1)
+    assert any("plumbing on 13 lines" in p for p in reading_budget_problems(many))
     early = source.replace("    adv_B = group_advantages(", "    main()\n    adv_B = group_advantages(", 1)
     assert any("main is used before its definition" in p for p in reading_budget_problems(early))
+    for planted in ("    policy.rollout = lambda *a: None\n", "    block.forward = print\n",
+                    "    setattr(var, 'scale_logits', print)\n", "    reward_fn.register_forward_hook(print)\n"):
+        patched = source.replace("\ndef world_size()", "\ndef planted(policy, block, var, reward_fn):\n" + planted
+                                 + "\n\ndef world_size()", 1)
+        assert any("replaced at run time" in p or "a hook" in p for p in reading_budget_problems(patched)), planted
 
 
 def test_the_readme_gives_the_files_figures_as_they_are():
@@ -206,12 +243,12 @@ def test_parity_teacher_forced_logits(fixture):
 def test_parity_greedy_cfg_sampling(fixture):
     c, vae, var, e = fixture
     for cfg in c["greedy_cfgs"]:
-        s = vg.sample(var, vae, e["labels"], range(len(e["labels"])), cfg=cfg, top_k=1)
+        drawn = vg.sample(var, vae, e["labels"], range(len(e["labels"])), cfg=cfg, top_k=1)
         official = e[f"greedy_cfg{cfg}_tokens"]
-        assert len(s.tokens) == len(official)
-        for si, (mine, theirs) in enumerate(zip(s.tokens, official)):
+        assert len(drawn.tokens) == len(official)
+        for si, (mine, theirs) in enumerate(zip(drawn.tokens, official)):
             assert torch.equal(mine, theirs), f"cfg={cfg}: tokens differ at scale {si}"
-        torch.testing.assert_close(s.image, e[f"greedy_cfg{cfg}_image"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(drawn.image, e[f"greedy_cfg{cfg}_image"], atol=1e-4, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -262,22 +299,22 @@ def test_kv_cached_sampler_matches_teacher_forcing(tiny):
     """Without guidance, the sampler's per-scale logits are the teacher-forced logits of the tokens it drew."""
     vae, var = tiny
     labels = torch.tensor([1, 2])
-    s = vg.sample(var, vae, labels, [0, 1], cfg=0.0, return_logprobs=True)
+    drawn = vg.sample(var, vae, labels, [0, 1], cfg=0.0, return_logprobs=True)
     with torch.no_grad():
-        logits_BLV = var(labels, vae.quantize.tokens_to_var_input(s.tokens))
-    tokens_BL = torch.cat(s.tokens, dim=1)
+        logits_BLV = var(labels, vae.quantize.tokens_to_var_input(drawn.tokens))
+    tokens_BL = torch.cat(drawn.tokens, dim=1)
     tf_logprob = logits_BLV.log_softmax(-1).gather(-1, tokens_BL.unsqueeze(-1)).squeeze(-1)
-    torch.testing.assert_close(tf_logprob, s.logp_BL, atol=1e-4, rtol=0)
+    torch.testing.assert_close(tf_logprob, drawn.logp_BL, atol=1e-4, rtol=0)
 
 
 def test_benchmark_times_whole_grpo_steps(capsys):
-    result = vg.benchmark(vg.RunConfig(**{**vg.TINY_DEFAULTS, "tiny": True, "bench_batch": 2}), repeats=1)
-    assert result["sample_images_per_s"] > 0 and result["teacher_forced_tokens_per_s"] > 0
+    result = vg.benchmark(vg.RunConfig(**{**vg.TINY_DEFAULTS, "tiny": True}), repeats=1)
+    assert result["first_step_s"] > 0 and abs(result["logprob_gap_max"]) < 1e-4
     assert result["step_images"] == 16 and 0 < result["update_mfu"] < 1
     parts = result["step_rollout_s"] + result["step_reward_s"] + result["step_update_s"]
     assert 0 < result["step_s"] == pytest.approx(parts) and result["step_images_per_s"] == pytest.approx(16 / parts)
     printed = capsys.readouterr().out
-    assert "sample_images_per_s" in printed and "GRPO step, 16 images" in printed and "MFU" in printed
+    assert "GRPO step, 16 images" in printed and "MFU" in printed
 
 
 def test_bench_asks_for_no_weight_file():
@@ -334,110 +371,151 @@ def test_help_prints_every_docstring_as_written(capsys):
 
 PAYLOAD = os.urandom(300_000)
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
+HUB_PATH = f"/{vg.VAR_REPO}/resolve/main/{vg.VAE_FILE}"
 
 
-class FileServer(http.server.BaseHTTPRequestHandler):
-    """Serves PAYLOAD at /file.pth with Hugging Face's sha256 ETag; honours Range. `mode` injects faults:
-    'cut' closes the first response half-way, 'corrupt' serves wrong bytes, '416 without sha' answers a Range request
-    with 416 and no ETag; anything else at /missing is a 404."""
+class HubServer(http.server.BaseHTTPRequestHandler):
+    """A Hugging Face endpoint on 127.0.0.1 serving PAYLOAD as the VQ-VAE file of FoundationVision/var (HEAD and GET,
+    with the Hub's commit, sha256 ETag and size headers; Range honoured), and as /aesthetic.pth for the LAION head's
+    plain download. `mode` injects faults: 'corrupt' serves wrong bytes under the right ETag, 'cut' closes the first
+    GET half-way; any other path is a 404. `requests` lists the (method, path) of every request."""
     mode = "ok"
     slow = False  # send the file in pieces, with pauses: downloads that overlap
-    ranges: list = []
+    requests: list = []
 
     def log_message(self, *args):
         pass
 
+    def do_HEAD(self):
+        self.reply(body=False)
+
     def do_GET(self):
-        if self.path != "/file.pth":
+        self.reply(body=True)
+
+    def reply(self, body: bool):
+        HubServer.requests.append((self.command, self.path))
+        if self.path not in (HUB_PATH, "/aesthetic.pth"):
             self.send_error(404)
             return
-        rng = self.headers.get("Range")
-        FileServer.ranges.append(rng)
-        if FileServer.mode == "416 without sha" and rng:  # "you have it all", with no checksum to prove it
-            self.send_response(416)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        start = int(rng.split("=")[1].split("-")[0]) if rng else 0
-        body = PAYLOAD if FileServer.mode != "corrupt" else bytes(len(PAYLOAD))
-        self.send_response(206 if rng else 200)
+        data = PAYLOAD if HubServer.mode != "corrupt" else bytes(len(PAYLOAD))
+        start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers.get("Range") else 0
+        self.send_response(206 if start else 200)
+        self.send_header("X-Repo-Commit", "0" * 40)
         self.send_header("ETag", f'"{PAYLOAD_SHA}"')
-        self.send_header("Content-Length", str(len(body) - start))
+        self.send_header("Content-Length", str(len(data) - start))
         self.end_headers()
-        if FileServer.mode == "cut":
-            FileServer.mode = "ok"  # only the first response is cut
-            self.wfile.write(body[start:start + 100_000])
+        if not body:
+            return
+        if HubServer.mode == "cut":
+            HubServer.mode = "ok"  # only the first response is cut
+            self.wfile.write(data[start:start + 100_000])
             self.wfile.flush()
             self.connection.shutdown(2)
             return
-        if FileServer.slow:
-            for i in range(start, len(body), 30_000):
-                self.wfile.write(body[i:i + 30_000])
-                self.wfile.flush()
-                time.sleep(0.02)
-            return
-        self.wfile.write(body[start:])
+        for i in range(start, len(data), 30_000 if HubServer.slow else len(data)):
+            self.wfile.write(data[i:i + (30_000 if HubServer.slow else len(data))])
+            self.wfile.flush()
+            time.sleep(0.02 if HubServer.slow else 0)
 
 
 @pytest.fixture()
 def server(monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # these tests download, from a local server
-    FileServer.mode, FileServer.ranges = "ok", []
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FileServer)
+    HubServer.mode, HubServer.slow, HubServer.requests = "ok", False, []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HubServer)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
 
 
-def test_download_complete_file(server, tmp_path):
-    dest = vg.download(f"{server}/file.pth", tmp_path / "w.pth")
-    assert dest.read_bytes() == PAYLOAD and not (tmp_path / "w.pth.part").exists()
-    assert vg.download(f"{server}/file.pth", dest) == dest and len(FileServer.ranges) == 1  # cached: no request
+def hub_python(code: str, server: str, hub_cache: Path, offline: bool = False, wait: bool = True):
+    """Runs `code` (with var_grpo imported as vg) in a fresh process whose huggingface_hub talks to `server` and keeps
+    its cache in `hub_cache`, as a user's would with HF_ENDPOINT and HF_HUB_CACHE set: the library itself, unmocked."""
+    import subprocess
+    env = {**os.environ, "HF_ENDPOINT": server, "HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1" if offline else "0",
+           "HF_HUB_DISABLE_XET": "1", "HF_HUB_ETAG_TIMEOUT": "5", "HF_HUB_DOWNLOAD_TIMEOUT": "5"}
+    cmd = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(HERE)!r}); import var_grpo as vg\n{code}"]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
 
 
-def test_interrupted_download_resumes_with_range(server, tmp_path):
-    FileServer.mode = "cut"
-    dest = vg.download(f"{server}/file.pth", tmp_path / "w.pth")
-    assert dest.read_bytes() == PAYLOAD
-    first, second = FileServer.ranges
-    resumed_at = int(second.removeprefix("bytes=").rstrip("-"))
-    assert first is None and 0 < resumed_at <= 100_000  # kept what arrived before the cut
+FETCH_VAE = "print(vg.hub_file(vg.VAR_REPO, vg.VAE_FILE, '--vae-ckpt'))"
 
 
-def test_partial_file_from_an_earlier_run_is_resumed(server, tmp_path):
-    (tmp_path / "w.pth.part").write_bytes(PAYLOAD[:123_456])
-    assert vg.download(f"{server}/file.pth", tmp_path / "w.pth").read_bytes() == PAYLOAD
-    assert FileServer.ranges == ["bytes=123456-"]
+def test_hub_download_lands_in_the_hugging_face_cache_and_is_found_there_offline(server, tmp_path):
+    r = hub_python(FETCH_VAE, server, tmp_path / "hub")
+    assert r.returncode == 0, r.stderr
+    path = Path(r.stdout.strip())
+    assert path.read_bytes() == PAYLOAD and path.resolve().name == PAYLOAD_SHA  # the blob is named by its sha256
+    assert path.is_relative_to(tmp_path / "hub" / "models--FoundationVision--var")  # where every HF tool looks
+    HubServer.requests.clear()
+    r = hub_python(FETCH_VAE, server, tmp_path / "hub", offline=True)
+    assert r.returncode == 0 and Path(r.stdout.strip()) == path and HubServer.requests == []  # cached: no request
 
 
-def test_corrupt_download_is_rejected_and_never_cached(server, tmp_path):
-    FileServer.mode = "corrupt"
-    with pytest.raises(vg.WeightsError, match="sha256"):
-        vg.download(f"{server}/file.pth", tmp_path / "w.pth")
-    assert [p.name for p in tmp_path.iterdir()] == ["w.pth.lock"]  # the lock stays (removing it would race); no data
+def test_a_corrupt_download_is_deleted_never_loaded_and_the_next_run_fetches_it_afresh(server, tmp_path):
+    HubServer.mode = "corrupt"
+    r = hub_python(FETCH_VAE, server, tmp_path / "hub")
+    assert r.returncode == 1 and f"its sha256 is not {PAYLOAD_SHA}) and was deleted" in r.stderr, r.stderr
+    assert not [p for p in (tmp_path / "hub").rglob("*") if p.is_file() and p.stat().st_size == len(PAYLOAD)]
+    HubServer.mode = "ok"
+    r = hub_python(FETCH_VAE, server, tmp_path / "hub")
+    assert r.returncode == 0 and Path(r.stdout.strip()).read_bytes() == PAYLOAD, r.stderr
 
 
-def test_404_names_the_url_and_the_manual_route(server, tmp_path):
-    with pytest.raises(vg.WeightsError) as err:
-        vg.download(f"{server}/missing.pth", tmp_path / "w.pth")
-    assert f"{server}/missing.pth" in str(err.value) and "404" in str(err.value) and "by hand" in str(err.value)
-    assert not (tmp_path / "w.pth").exists()
+def test_a_cut_download_is_never_used(server, tmp_path):
+    HubServer.mode = "cut"
+    r = hub_python(FETCH_VAE, server, tmp_path / "hub")
+    assert r.returncode != 0 or Path(r.stdout.strip()).read_bytes() == PAYLOAD  # the library may resume by itself
+    r = hub_python(FETCH_VAE, server, tmp_path / "hub")
+    assert r.returncode == 0 and Path(r.stdout.strip()).read_bytes() == PAYLOAD, r.stderr
+
+
+def test_a_missing_file_offline_or_unreachable_is_one_message_that_names_it_and_the_way_round(server, tmp_path):
+    for offline, endpoint in ((True, server), (False, "http://127.0.0.1:9")):  # nothing listens on port 9
+        r = hub_python(FETCH_VAE, endpoint, tmp_path / "hub", offline=offline)
+        assert r.returncode == 1 and HubServer.requests == [], r.stderr
+        assert (f"{vg.VAE_FILE} of the Hub repository {vg.VAR_REPO} is not in the Hugging Face cache" in r.stderr
+                and f"hf download {vg.VAR_REPO} {vg.VAE_FILE}" in r.stderr and "--vae-ckpt" in r.stderr), r.stderr
+
+
+def test_two_processes_downloading_one_file_leave_one_correct_cached_file(server, tmp_path):
+    """Two runs sharing a cache start the same download at once: both end with the served file exactly (the
+    library's lock makes the second wait for the first)."""
+    HubServer.slow = True  # the file arrives in pieces, so that the two downloads overlap
+    procs = [hub_python(FETCH_VAE, server, tmp_path / "hub", wait=False) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert all(Path(out.strip()).read_bytes() == PAYLOAD for out, _ in outs)
+    assert not list((tmp_path / "hub").rglob("*.incomplete"))
+
+
+def test_the_aesthetic_head_is_checked_by_its_sha256_and_kept_only_when_right(server, tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(vg, "AESTHETIC_URL", f"{server}/aesthetic.pth")
+    monkeypatch.setattr(vg, "AESTHETIC_SHA256", PAYLOAD_SHA)
+    args = vg.RunConfig(cache_dir=str(tmp_path / "cache"))
+    HubServer.mode = "corrupt"
+    with pytest.raises(vg.WeightsError, match=r"is not the LAION head .*nothing was kept"):
+        vg.aesthetic_file(args)
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+    HubServer.mode = "ok"
+    dest = vg.aesthetic_file(args)
+    assert dest.read_bytes() == PAYLOAD and [p.name for p in dest.parent.iterdir()] == [dest.name]  # no .part left
+    n = len(HubServer.requests)
+    assert vg.aesthetic_file(args) == dest and len(HubServer.requests) == n  # cached: no request
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(vg.WeightsError, match=r"does not exist and HF_HUB_OFFLINE is set: download .* to that path"):
+        vg.aesthetic_file(vg.RunConfig(cache_dir=str(tmp_path / "empty")))
+    assert len(HubServer.requests) == n
 
 
 def test_local_checkpoint_paths_need_no_network(tmp_path):
-    c, vae, var, _ = load_fixture(TESTDATA / "var_tiny")
-    args = vg.RunConfig(vae_ckpt=str(TESTDATA / "var_tiny/vae.pth"), cache_dir=str(tmp_path))
-    assert vg.weight_path(args.vae_ckpt, "http://127.0.0.1:9/never", args) == Path(args.vae_ckpt)
-    with pytest.raises(vg.WeightsError, match="does not exist"):
-        vg.weight_path(str(tmp_path / "nope.pth"), "http://127.0.0.1:9/never", args)
-
-
-def test_cached_file_is_found_under_its_decoded_name(tmp_path):
-    # the aesthetic head's URL ends in sac%2Blogos%2B...; the cache (and the notebooks) know it as sac+logos+...
-    cached = tmp_path / "sac+logos+ava1-l14-linearMSE.pth"
-    cached.write_bytes(b"not fetched")
-    args = vg.RunConfig(cache_dir=str(tmp_path))
-    assert vg.weight_path("", vg.AESTHETIC_URL, args) == cached  # no request: the URL is never contacted
+    assert vg.local_file(str(TESTDATA / "var_tiny/vae.pth")) == TESTDATA / "var_tiny/vae.pth"
+    with pytest.raises(vg.WeightsError, match="is not there; give the path of a weight file"):
+        vg.local_file(str(tmp_path / "nope.pth"))
+    with pytest.raises(vg.WeightsError, match="is a directory; give the path of a weight file"):
+        vg.local_file(str(tmp_path))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -469,7 +547,7 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
     del sd["head.bias"]
     sd["blocks.7.extra"] = torch.zeros(1)
     torch.save(sd, tmp_path / "bad.pth")
-    with pytest.raises(vg.WeightsError, match=r"missing keys \['head.bias'\].*unexpected keys \['blocks.7.extra'\]"):
+    with pytest.raises(vg.WeightsError, match=r"missing keys: head.bias; unexpected keys: blocks.7.extra"):
         vg.load_weights(meta_var(2), tmp_path / "bad.pth")
 
 
@@ -788,12 +866,12 @@ def test_teacher_forced_logprobs_equal_sampling_logprobs(tiny):
     vae, var = tiny
     label_B = torch.tensor([0, 0, 5, 9])
     for cfg, temperature in [(2.5, 0.8), (0.0, 1.3), (1.5, 1.0)]:
-        s = vg.sample(var, vae, label_B, range(300, 300 + len(label_B)), cfg=cfg, temperature=temperature,
+        drawn = vg.sample(var, vae, label_B, range(300, 300 + len(label_B)), cfg=cfg, temperature=temperature,
                       return_logprobs=True)
         with torch.no_grad():
-            logp_BL = vg.token_logprobs(var, vae, label_B, s.tokens, cfg, temperature)
-        torch.testing.assert_close(logp_BL, s.logp_BL, atol=1e-4, rtol=0)
-        _, stats = vg.grpo_loss(logp_BL, s.logp_BL, torch.ones(4), None, 0.2, 0.0)
+            logp_BL = vg.token_logprobs(var, vae, label_B, drawn.tokens, cfg, temperature)
+        torch.testing.assert_close(logp_BL, drawn.logp_BL, atol=1e-4, rtol=0)
+        _, stats = vg.grpo_loss(logp_BL, drawn.logp_BL, torch.ones(4), None, 0.2, 0.0)
         assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-4) and stats["clip_frac"] == 0
 
 
@@ -909,10 +987,10 @@ def test_tiny_prompt_run_draws_a_colour_the_pretraining_never_showed(tmp_path):
     assert max(r["logprob_gap_max"] for r in result["records"]) < 1e-4  # sampler and trainer agree (fp32, CPU)
     # Catches: a reference policy that drifts with the policy (no copy, or one refreshed during training). The KL
     # logged over the last steps must match KL(final || start) measured afresh with the starting model.
-    s = vg.sample(result["var"], vae, labels[:64], range(300, 364), args.cfg, args.temperature, return_logprobs=True)
+    drawn = vg.sample(result["var"], vae, labels[:64], range(300, 364), args.cfg, args.temperature, return_logprobs=True)
     with torch.no_grad():
-        q_BL = (vg.token_logprobs(start, vae, labels[:64], s.tokens, args.cfg, args.temperature) -
-                vg.token_logprobs(result["var"], vae, labels[:64], s.tokens, args.cfg, args.temperature))
+        q_BL = (vg.token_logprobs(start, vae, labels[:64], drawn.tokens, args.cfg, args.temperature) -
+                vg.token_logprobs(result["var"], vae, labels[:64], drawn.tokens, args.cfg, args.temperature))
     fresh_kl, logged_kl = (q_BL.exp() - q_BL - 1).mean().item(), np.mean([r["kl_ref"] for r in result["records"][-5:]])
     assert fresh_kl > 0.05 and 0.5 < logged_kl / fresh_kl < 2, (fresh_kl, logged_kl)
     run = tmp_path / "run"
@@ -1056,22 +1134,6 @@ def test_resume_errors(tmp_path):
         vg.train(tiny_args(tmp_path / "r", steps=2, group_size=2, micro_batch=2, resume=True, vae_ckpt="other.pth"))
 
 
-def test_missing_weights_offline_is_a_clear_error(tmp_path, monkeypatch, server):
-    monkeypatch.setattr(vg, "VAR_URL", "http://127.0.0.1:9/")  # nothing listens there: as good as offline
-    with pytest.raises(vg.WeightsError, match=r"http://127.0.0.1:9/vae_ch160v4096z32.pth failed after 3 attempts.*"
-                                              r"nothing was downloaded.*by hand") as err:
-        vg.load_models(vg.RunConfig(cache_dir=str(tmp_path)), torch.device("cpu"))
-    assert ".part" not in str(err.value) and not list(tmp_path.glob("*.part"))  # no "0 bytes are kept in ....part"
-    with pytest.raises(vg.WeightsError, match="does not exist"):
-        vg.load_models(vg.RunConfig(vae_ckpt=str(tmp_path / "nope.pth")), torch.device("cpu"))
-    with pytest.raises(vg.WeightsError, match="is a directory; give the path of the .pth file itself"):
-        vg.load_models(vg.RunConfig(vae_ckpt=str(tmp_path)), torch.device("cpu"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: one clear message, and the network is never tried
-    with pytest.raises(vg.WeightsError, match=r"file.pth is not in the cache .*HF_HUB_OFFLINE is set.*by hand"):
-        vg.download(f"{server}/file.pth", tmp_path / "file.pth")
-    assert FileServer.ranges == []
-
-
 def test_command_line_reports_bad_input_plainly(tmp_path):
     import subprocess
     r = subprocess.run([sys.executable, str(HERE / "var_grpo.py"), "--tiny", "--group-size", "1", "--out", str(tmp_path)],
@@ -1082,6 +1144,12 @@ def test_command_line_reports_bad_input_plainly(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Bad input and faults: a clear message before any work, exit code 1 without a traceback, nothing lost
 # ------------------------------------------------------------------------------------------------
+
+def as_under_torchrun(monkeypatch, rank: int = 0):
+    """The variables torchrun sets beside WORLD_SIZE (a process without them is refused)."""
+    for name, value in dict(RANK=rank, LOCAL_RANK=rank, MASTER_ADDR="127.0.0.1", MASTER_PORT=29500).items():
+        monkeypatch.setenv(name, str(value))
+
 
 def run_main(argv, monkeypatch):
     """vg.main(argv) as the command line runs it; loading a model is an error here (every check comes first).
@@ -1108,7 +1176,6 @@ def run_main(argv, monkeypatch):
     (["--eval-every", "0"], "--eval-every 0: must be at least 1"),
     (["--save-every", "0"], "--save-every 0: must be at least 1"),
     (["--num-eval", "0"], "--num-eval 0: must be at least 1"),
-    (["--bench", "--bench-batch", "0"], "--bench-batch 0: must be at least 1"),
     (["--bench", "--depth", "-4"], "--depth -4: must be at least 1"),
     (["--device", "tpu"], "--device 'tpu' is not a device name; use auto, cpu, cuda or cuda:N"),
     (["--device", "mps"], "--device 'mps': this script runs on cpu or cuda only"),
@@ -1136,9 +1203,9 @@ def test_out_and_cache_must_be_writable_before_any_work(tmp_path, monkeypatch):
     message = run_main(["--tiny", "--out", str(a_file / "run")], monkeypatch)
     assert f"--out {a_file / 'run'}: cannot create or write files there" in message
     assert f"--out {a_file} is a file; give a directory" in run_main(["--tiny", "--out", str(a_file)], monkeypatch)
-    monkeypatch.setenv("VAR_GRPO_CACHE", str(a_file / "cache"))  # the real models would be downloaded there
+    monkeypatch.setenv("VAR_GRPO_CACHE", str(a_file / "cache"))  # the aesthetic head would be downloaded there
     message = run_main(["--out", str(tmp_path / "run")], monkeypatch)
-    assert "the weight cache ($VAR_GRPO_CACHE or ~/.cache/var_grpo)" in message and "cannot create or write" in message
+    assert "the cache ($VAR_GRPO_CACHE or ~/.cache/var_grpo)" in message and "cannot create or write" in message
 
 
 def test_default_out_name_is_bounded():
@@ -1291,8 +1358,8 @@ def test_chunked_sampling_draws_what_one_batch_draws_and_its_logprobs_are_the_te
 def test_lora_starts_as_the_base_model_and_its_merged_export_is_the_adapted_model(tiny, tmp_path):
     vae, var = tiny
     label_B = torch.tensor([1, 4, 4, 8])
-    s = vg.sample(var, vae, label_B, range(4), 1.5)
-    logprobs = lambda model: vg.token_logprobs(model, vae, label_B, s.tokens, 1.5, 1.0).detach()
+    drawn = vg.sample(var, vae, label_B, range(4), 1.5)
+    logprobs = lambda model: vg.token_logprobs(model, vae, label_B, drawn.tokens, 1.5, 1.0).detach()
     base_logp = logprobs(var)
     adapted = vg.add_lora(copy.deepcopy(var), 4)
     trained = [n for n, p in adapted.named_parameters() if p.requires_grad]
@@ -1311,7 +1378,7 @@ def test_lora_starts_as_the_base_model_and_its_merged_export_is_the_adapted_mode
 
     torch.save(var.state_dict(), tmp_path / "base.pth")  # what export_state_dict merges onto, read from disk
     args = vg.RunConfig(tiny=True, var_ckpt=str(tmp_path / "base.pth"), lora_rank=4)
-    merged = vg.export_state_dict(adapted, args)
+    merged = vg.export_state_dict(adapted, args, vg.base_fingerprint(args))
     assert set(merged) == set(var.state_dict())  # the official keys, no adapter keys
     plain = vg.load_weights(meta_var(vg.TOY_DEPTH), save(merged, tmp_path / "merged.pth"))
     torch.testing.assert_close(logprobs(plain), adapted_logp, atol=1e-5, rtol=0)
@@ -1350,56 +1417,31 @@ def test_tiny_lora_run_learns_resumes_and_exports(tmp_path):
         vg.train(tiny_args(tmp_path / "b", steps=6, resume=True, **dict(short, lora_rank=8)))
 
 
-def test_sampler_graphs_only_for_the_rollout_batch_and_never_with_adapters_off(tiny, monkeypatch):
-    """--cuda-graphs captures CUDA graphs (GPU only; their replay was checked on an H200 to draw the same tokens as the
-    eager sampler). Here the rule of which batches use them: the rollout's size only, and never the starting policy
-    that LoRA's switched-off adapters give (a graph replays the weights it captured, adapters included)."""
-    _, var = tiny
-    captured = []
-
-    class FakeGraphs:
-        def __init__(self, scale_logits, var, B2, device):
-            captured.append(B2)
-
-        def replay(self, si, x_2BlC, cond_2BC):
-            return f"graphs for {x_2BlC.shape[0]}"
-    monkeypatch.setattr(vg, "ScaleGraphs", FakeGraphs)
-    model = vg.add_lora(copy.deepcopy(var), 2)
-    vg.use_cuda_graphs(model, 2 * 16)  # as use_the_device sets it up for P*G = 16
-    scale_0 = lambda m, B2: m.scale_logits(torch.zeros(B2, 1, m.C), torch.zeros(B2, m.C), [vg.KVCache(m.L) for _ in m.blocks], 0)
-    assert scale_0(model, 32) == "graphs for 32" and scale_0(model, 32) == "graphs for 32"
-    assert scale_0(model, 16).shape == (16, 1, model.V)  # an evaluation batch: eager
-    with vg.adapters_off(model) as start:
-        assert scale_0(start, 32).shape == (32, 1, model.V)
-    assert captured == [32] and scale_0(var, 32).shape == (32, 1, var.V)  # captured once; without --cuda-graphs never
-
-
-def test_compile_is_on_by_default_wraps_only_teacher_forced_passes_and_without_triton_notes_it(tiny, monkeypatch, capsys):
-    """--compile (the default; GPU only, so a CPU run compiles nothing) compiles every block's teacher-forced pass, and
-    turns on inductor's emulation of eager's bf16 rounding, on which the sampler-vs-update log-prob agreement rests.
-    Sampling (with a KV cache) stays eager; the keys stay the official ones. Where triton is missing (this CPU build of
-    torch) it says so and keeps the blocks eager."""
+def test_compile_is_on_by_default_compiles_only_the_teacher_forced_pass_and_without_triton_notes_it(tiny, monkeypatch, capsys):
+    """--compile (the default; GPU only, so a CPU run compiles nothing) is torch.compile of the VAR module, i.e. of its
+    forward, the teacher-forced pass; sampling calls other methods (with a KV cache) and stays eager. It turns on
+    inductor's emulation of eager's bf16 rounding, on which the sampler-vs-update log-prob agreement rests. Where
+    triton is missing (this CPU build of torch) it says so and stays eager."""
     import torch._inductor.config as inductor_config
     import torch.utils._triton
-    assert vg.RunConfig().compile and not vg.RunConfig().cuda_graphs
+    assert vg.RunConfig().compile
     vae, var = tiny
     model = copy.deepcopy(var)
     vg.use_the_device(vg.RunConfig(tiny=True), torch.device("cpu"), vg.Policy(model, vg.RunConfig(tiny=True)))
-    assert all("forward" not in vars(block) for block in model.blocks)  # on a CPU: eager blocks
+    assert model._compiled_call_impl is None  # on a CPU: eager
     monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
     assert not vg.can_compile() and "--no-compile" in capsys.readouterr().err
     monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
     monkeypatch.setattr(inductor_config, "emulate_precision_casts", False)
     assert vg.can_compile() and inductor_config.emulate_precision_casts and capsys.readouterr().err == ""
-    compiled_calls = []
-    monkeypatch.setattr(torch, "compile", lambda fn: lambda *a: compiled_calls.append(fn) or fn(*a))
-    vg.wrap_teacher_forced_blocks(model, compiled=True, checkpointing=False)
+    graphs = []
+    model.compile(backend=lambda gm, inputs: graphs.append(gm) or gm.forward)  # what use_the_device calls, traced only
     label_B = torch.tensor([1, 2])
-    s = vg.sample(model, vae, label_B, [0, 1], 1.5, return_logprobs=True)
-    assert compiled_calls == []  # sampling: eager
-    logp = vg.token_logprobs(model, vae, label_B, s.tokens, 1.5, 1.0)
-    assert len(compiled_calls) == var.depth  # the teacher-forced pass: every block compiled
-    torch.testing.assert_close(logp, vg.token_logprobs(var, vae, label_B, s.tokens, 1.5, 1.0), atol=0, rtol=0)
+    drawn = vg.sample(model, vae, label_B, [0, 1], 1.5, return_logprobs=True)
+    assert graphs == []  # sampling: eager
+    logp = vg.token_logprobs(model, vae, label_B, drawn.tokens, 1.5, 1.0)
+    assert graphs  # the teacher-forced pass: compiled
+    torch.testing.assert_close(logp, vg.token_logprobs(var, vae, label_B, drawn.tokens, 1.5, 1.0), atol=1e-6, rtol=0)
     assert set(model.state_dict()) == set(var.state_dict())  # checkpoints keep the official keys
 
 
@@ -1476,6 +1518,7 @@ def execute_notebook(path: Path, tmp_path: Path, monkeypatch, nb=None) -> str:
     printed. nb: the notebook to run (default: the stored one)."""
     nbclient, nbformat = notebook_modules()
     monkeypatch.setenv("VAR_GRPO_CACHE", str(tmp_path / "empty-cache"))  # no official weights: the toy world
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     monkeypatch.setenv("TMPDIR", str(tmp_path))                            # the notebook's run folder goes here
     monkeypatch.setenv("VAR_GRPO_QUICK", "1")  # 00: a 25th, 04: a 20th of their training steps (the stored runs are whole)
     # the kernel is this very interpreter, whatever other "python3" kernels the machine has registered
@@ -1581,33 +1624,6 @@ def test_a_planted_checkpoint_or_weight_file_runs_no_code(tmp_path):
     assert not marker.exists()
 
 
-def test_two_processes_downloading_one_file_leave_one_correct_cached_file(server, tmp_path):
-    """Two runs sharing a cache start the same download at once, five times over: each ends with the file, which is
-    the served file exactly (the second waits for the first through the file's lock, then finds it complete)."""
-    import multiprocessing
-    FileServer.slow = True  # the file arrives in pieces, so that the two downloads overlap
-    fork = multiprocessing.get_context("fork")  # the children inherit the imported modules: no second torch import
-    try:
-        for i in range(5):
-            dest = tmp_path / f"cache{i}" / "file.pth"
-            procs = [fork.Process(target=vg.download, args=(f"{server}/file.pth", dest)) for _ in range(2)]
-            for p in procs:
-                p.start()
-            for p in procs:
-                p.join(timeout=60)
-            assert [p.exitcode for p in procs] == [0, 0]
-            assert hashlib.sha256(dest.read_bytes()).hexdigest() == PAYLOAD_SHA and not list(dest.parent.glob("*.part"))
-    finally:
-        FileServer.slow = False
-
-
-def test_a_cached_file_that_fails_to_load_says_which_file_to_delete(tmp_path):
-    cached = tmp_path / "vae_ch160v4096z32.pth"
-    cached.write_bytes(b"half a download")
-    with pytest.raises(vg.WeightsError, match=f"delete {re.escape(str(cached))}: the next run downloads it afresh"):
-        vg.load_models(vg.RunConfig(cache_dir=str(tmp_path), var_ckpt=str(cached)), torch.device("cpu"))
-
-
 def test_sigterm_finishes_the_step_saves_and_resume_completes_the_run_bit_for_bit(tmp_path):
     """SIGTERM (what Slurm and Kubernetes send before killing a job) at step k: the step completes, a checkpoint of
     step k or k+1 is written, the process exits 0 saying how to continue, and --resume ends exactly where an
@@ -1636,7 +1652,7 @@ def test_sigterm_finishes_the_step_saves_and_resume_completes_the_run_bit_for_bi
 @pytest.fixture()
 def sighup_not_ignored():
     """SIGHUP at its default for the test, as in a terminal: a suite started under nohup inherits it ignored, and a run
-    keeps an ignored signal ignored (test_case_06)."""
+    keeps an ignored signal ignored (test_under_nohup_sighup_is_ignored_and_a_stopped_run_exits_non_zero)."""
     import signal
     before = signal.signal(signal.SIGHUP, signal.SIG_DFL)
     yield
@@ -1700,15 +1716,15 @@ def test_a_changed_base_is_refused_on_resume_and_at_the_lora_merge(tmp_path):
         vg.train(tiny_args(tmp_path / "run", steps=2, resume=True, **kw))
     vae, var = vg.load_models(vg.RunConfig(tiny=True, var_ckpt=str(base)), torch.device("cpu"))
     var = vg.add_lora(var, 2)
-    var.base_sha256 = {"var": "0" * 64}  # what the run started from was another file
+    started_from = {"var": "0" * 64}  # what the run started from was another file
     with pytest.raises(vg.WeightsError, match="base weights changed since the run started.*adapters of a LoRA run are in its checkpoint.pt"):
-        vg.export_state_dict(var, vg.RunConfig(tiny=True, var_ckpt=str(base), lora_rank=2))
+        vg.export_state_dict(var, vg.RunConfig(tiny=True, var_ckpt=str(base), lora_rank=2), started_from)
 
 
 @pytest.mark.parametrize("damage, message", [
     ("metrics_list", r"line 1, is not a step's record"),
     ("no_optimizer", "optimizer is missing"),
-    ("wrong_shape", r"model entries: head.weight \(3, 3\) instead of \(256, 128\)"),
+    ("wrong_shape", r"model wrong shapes: head.weight \(3, 3\) instead of \(256, 128\)"),
     ("wrong_type", "step is a str, not a int"),
     ("no_config", "config is missing"),
 ])
@@ -1744,10 +1760,10 @@ def test_a_run_that_cannot_learn_says_so(tmp_path, capsys):
 
 def test_advice_on_a_non_finite_update_names_the_setting_that_caused_it():
     args = vg.RunConfig(lr=1e-4, beta=0.5)
-    kl_blew_up = vg.non_finite_advice([dict(kl_loss=float("inf"), policy_loss=0.1)], args)
+    kl_blew_up = vg.non_finite_advice(dict(kl_loss=float("inf"), policy_loss=0.1), args)
     assert kl_blew_up.startswith("the loss is not finite") and "a larger --beta would not help" in kl_blew_up
     assert "lower --lr (now 0.0001)" in kl_blew_up.lower()
-    backward = vg.non_finite_advice(None, args)  # finite loss terms, a non-finite gradient
+    backward = vg.non_finite_advice(dict(grad_norm=math.inf), args)  # finite loss terms, a non-finite gradient
     assert backward.startswith("the gradient norm is not finite") and "backward pass overflowed" in backward
     assert "lower --lr (now 0.0001)" in backward and "--beta" not in backward
 
@@ -1877,6 +1893,7 @@ vg.main({flags!r} + ["--steps", "4", "--resume", "--out", {str(tmp_path)!r} + "/
 
 def test_a_layout_that_does_not_split_is_refused_before_any_work(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
+    as_under_torchrun(monkeypatch)
     with pytest.raises(ValueError, match=r"--classes-per-step 3: torchrun started 2 processes.*multiple of 2"):
         vg.check_config(vg.RunConfig(tiny=True, classes_per_step=3, group_size=8))
     with pytest.raises(ValueError, match=r"2\*3 = 6 images must split into --minibatches 2, each into 2 equal parts"):
@@ -1912,14 +1929,14 @@ vg.main(["--tiny", "--steps", "5", "--save-every", "1", "--summary-samples", "0"
 
 
 # ------------------------------------------------------------------------------------------------
-# Trust, round 3 (issue 27): one test per case of the third hostile trial, named by its case number; each fails on
-# the code before the fix (noted where that takes a mutation to show)
+# Trust, round 3 (issue 27): the cases of the third hostile trial, each test named after what it holds; each fails
+# on the code before the fix (noted where that takes a mutation to show)
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, resume", [(".lock", False), ("checkpoint.pt.tmp", False), ("config.json", True),
                                           ("metrics.jsonl", True), ("eval_step00002.png", True), ("summary.json", True),
                                           ("reward_curve.png", True), ("checkpoint.pt.tmp", True)])
-def test_case_01_a_symlink_planted_in_out_is_never_written_through(tmp_path, name, resume):
+def test_a_symlink_planted_in_out_is_never_written_through(tmp_path, name, resume):
     """A link planted in --out (before a run, or between a run and its --resume) to a file of the user's: the run
     refuses to write through it, or replaces the link itself; the file it points to is never written."""
     victim = tmp_path / "victim"
@@ -1940,19 +1957,7 @@ def test_case_01_a_symlink_planted_in_out_is_never_written_through(tmp_path, nam
     assert victim.read_text() == "mine"
 
 
-def test_case_01_a_symlink_planted_in_the_weight_cache_is_never_written_through(server, tmp_path):
-    victim = tmp_path / "victim"
-    victim.write_text("mine")
-    for planted in ("w.pth.part", "w.pth.lock"):
-        cache = tmp_path / planted
-        cache.mkdir()
-        (cache / planted).symlink_to(victim)
-        with pytest.raises(ValueError, match="is a symbolic link"):
-            vg.download(f"{server}/file.pth", cache / "w.pth")
-        assert victim.read_text() == "mine" and not (cache / "w.pth").exists()
-
-
-def test_case_02_the_required_versions_never_unpickle_a_clip_file(tmp_path, tiny_clip_file):
+def test_the_required_versions_never_unpickle_a_clip_file(tmp_path, tiny_clip_file):
     """The floors in requirements.txt are versions whose torch.load reads only tensors by default (torch 2.6) and whose
     open_clip passes weights_only=True itself (2.27); a planted .bin given as CLIP weights runs no code."""
     floors = dict(re.findall(r"^([a-z_]+)>=([\d.]+)", (HERE / "requirements.txt").read_text(), re.M))
@@ -1968,30 +1973,25 @@ def test_case_02_the_required_versions_never_unpickle_a_clip_file(tmp_path, tiny
     assert not marker.exists()
 
 
-def test_case_03_a_process_that_waits_for_a_torchrun_job_says_so_and_gives_up(tmp_path):
-    import socket, subprocess
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    script = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import var_grpo as vg; vg.JOIN_TIMEOUT = 4\n"
-              f"vg.main(['--tiny', '--steps', '1', '--out', {str(tmp_path / 'o')!r}])")
-    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+def test_a_world_size_set_by_hand_without_torchrun_is_refused_at_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
-    assert r.returncode == 1 and time.perf_counter() - t0 < 60, r.stderr
-    assert f"waiting at 127.0.0.1:{port} for the other processes of a torchrun job" in r.stderr
-    assert "gave up after 4 s" in r.stderr and "unset WORLD_SIZE" in r.stderr and "Traceback" not in r.stderr
+    message = run_main(["--tiny", "--steps", "1", "--out", str(tmp_path / "o")], monkeypatch)
+    assert time.perf_counter() - t0 < 20 and "WORLD_SIZE='2' without RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT" in message
+    assert "unset WORLD_SIZE" in message and "torchrun --nproc_per_node" in message
     assert not (tmp_path / "o").exists()  # nothing was done
 
 
 @pytest.mark.parametrize("value", ["abc", "", "0", "-2"])
-def test_case_04_a_bad_world_size_is_one_message(tmp_path, monkeypatch, value):
+def test_a_bad_world_size_is_one_message(tmp_path, monkeypatch, value):
     monkeypatch.setenv("WORLD_SIZE", value)
     message = run_main(["--tiny", "--out", str(tmp_path)], monkeypatch)
-    assert f"WORLD_SIZE={value!r}" in message and "unset it" in message
+    assert f"WORLD_SIZE={value!r}, as torchrun would not" in message and "unset WORLD_SIZE" in message
 
 
-def test_case_05_an_empty_weight_file_is_a_message_that_names_it(tmp_path, tiny_clip_file):
+def test_an_empty_weight_file_is_a_message_that_names_it(tmp_path, tiny_clip_file):
     empty = tmp_path / "empty.pth"
     empty.write_bytes(b"")
     with pytest.raises(vg.WeightsError, match="empty.pth is not a PyTorch checkpoint") as e:
@@ -2000,14 +2000,9 @@ def test_case_05_an_empty_weight_file_is_a_message_that_names_it(tmp_path, tiny_
     with pytest.raises(vg.WeightsError, match="empty.pth is not a PyTorch checkpoint"):
         vg.build_reward(vg.RunConfig(clip_model=TEST_CLIP, clip_ckpt=str(tiny_clip_file), aesthetic_ckpt=str(empty),
                                      reward="aesthetic=1"), torch.device("cpu"))
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / "vae_ch160v4096z32.pth").write_bytes(b"")  # left in the cache by a failed copy
-    with pytest.raises(vg.WeightsError, match=f"delete {cache / 'vae_ch160v4096z32.pth'}"):
-        vg.load_models(vg.RunConfig(cache_dir=str(cache), var_ckpt=str(empty)), torch.device("cpu"))
 
 
-def test_case_06_under_nohup_sighup_is_ignored_and_a_stopped_run_exits_non_zero(tmp_path):
+def test_under_nohup_sighup_is_ignored_and_a_stopped_run_exits_non_zero(tmp_path):
     import signal, subprocess
 
     def hang_up_at_step_1(out: Path, steps: int, sighup_at_start):
@@ -2029,7 +2024,7 @@ def test_case_06_under_nohup_sighup_is_ignored_and_a_stopped_run_exits_non_zero(
     assert code == 128 + signal.SIGHUP and "stopped by SIGHUP" in rest, (code, rest)
 
 
-def test_case_06_a_stop_does_not_depend_on_printing(monkeypatch, sighup_not_ignored):
+def test_a_stop_does_not_depend_on_printing(monkeypatch, sighup_not_ignored):
     """The terminal has hung up: printing raises EIO. The signal still asks the loop to stop, and nothing is raised."""
     import errno, signal
 
@@ -2046,7 +2041,7 @@ def test_case_06_a_stop_does_not_depend_on_printing(monkeypatch, sighup_not_igno
     assert stop == ["SIGHUP"]
 
 
-def test_case_07_a_reader_that_goes_away_costs_no_training(tmp_path):
+def test_a_reader_that_goes_away_costs_no_training(tmp_path):
     """`var_grpo.py ... | head -1`: the pipe closes after the first line; the run still trains every step, saves, and
     ends well, and a rerun is not blocked by a half-made run."""
     import subprocess
@@ -2069,7 +2064,7 @@ def copy_toy_set(folder: Path) -> Path:
     return folder
 
 
-def test_case_08_an_interrupted_toy_rebuild_changes_nothing_and_a_mixed_set_is_refused(tmp_path, monkeypatch, capsys):
+def test_an_interrupted_toy_rebuild_changes_nothing_and_a_mixed_set_is_refused(tmp_path, monkeypatch, capsys):
     out = copy_toy_set(tmp_path / "D")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
@@ -2092,7 +2087,7 @@ def test_case_08_an_interrupted_toy_rebuild_changes_nothing_and_a_mixed_set_is_r
                    torch.device("cpu"))  # one world's files together load
 
 
-def test_case_09_a_set_being_replaced_is_refused_and_the_shipped_folder_is_replaced_only_with_a_word(tmp_path, monkeypatch, capsys):
+def test_a_set_being_replaced_is_refused_and_the_shipped_folder_is_replaced_only_with_a_word(tmp_path, monkeypatch, capsys):
     toy = copy_toy_set(tmp_path / "toy")
     monkeypatch.setattr(vg, "TOY_DIR", toy)
     vg.load_models(vg.RunConfig(tiny=True), torch.device("cpu"))
@@ -2108,7 +2103,7 @@ def test_case_09_a_set_being_replaced_is_refused_and_the_shipped_folder_is_repla
     assert "replaces the toy weights the repository ships" in capsys.readouterr().out
 
 
-def test_case_10_toy_figure1_checks_its_outputs_first_stops_whole_and_reuses_finished_runs(tmp_path, monkeypatch):
+def test_toy_figure1_checks_its_outputs_first_stops_whole_and_reuses_finished_runs(tmp_path, monkeypatch):
     import importlib
     sys.path.insert(0, str(HERE / "notebooks"))
     fig = importlib.import_module("toy_figure1")
@@ -2142,7 +2137,7 @@ def test_case_10_toy_figure1_checks_its_outputs_first_stops_whole_and_reuses_fin
     assert calls[-1][-1] == "--resume"  # an interrupted run continues
 
 
-def test_case_11_reward_weights_that_overflow_are_refused_and_a_non_finite_total_named(tiny_clip_file):
+def test_reward_weights_that_overflow_are_refused_and_a_non_finite_total_named(tiny_clip_file):
     with pytest.raises(ValueError, match="a weight's size must be at most"):
         vg.parse_reward_spec("clip=1e39")
     reward_fn = vg.Reward({"area": 3e38, "redness": 3e38})
@@ -2152,20 +2147,20 @@ def test_case_11_reward_weights_that_overflow_are_refused_and_a_non_finite_total
         reward_fn(images)
 
 
-def test_case_12_advice_on_a_non_finite_loss_names_the_guidance_when_it_caused_it():
-    stats = [dict(kl_loss=math.inf, policy_loss=math.nan, log_ratio_max=1673.1)]
+def test_advice_on_a_non_finite_loss_names_the_guidance_when_it_caused_it():
+    stats = dict(kl_loss=math.inf, policy_loss=math.nan, log_ratio_max=1673.1)
     advice = vg.non_finite_advice(stats, tiny_args(Path("unused"), cfg=1000.0))
     assert "lower --cfg (now 1000.0" in advice.lower() and "lower --lr" not in advice.lower(), advice
-    advice = vg.non_finite_advice([dict(kl_loss=math.inf, policy_loss=0.1, log_ratio_max=0.5)], tiny_args(Path("unused")))
+    advice = vg.non_finite_advice(dict(kl_loss=math.inf, policy_loss=0.1, log_ratio_max=0.5), tiny_args(Path("unused")))
     assert "Lower --lr" in advice  # a policy that moved too far: the learning rate
 
 
-def test_case_13_an_empty_heldout_classes_holds_out_none():
+def test_an_empty_heldout_classes_holds_out_none():
     pool, heldout = vg.class_pools(vg.RunConfig(heldout_classes=""), 1000)
     assert len(pool) == 1000 and len(heldout) == 0
 
 
-def test_case_14_a_checkpoint_and_metrics_of_different_runs_are_refused_on_resume(tmp_path):
+def test_a_checkpoint_and_metrics_of_different_runs_are_refused_on_resume(tmp_path):
     kw = dict(group_size=2, micro_batch=2, summary_samples=0, num_eval=2)
     vg.train(tiny_args(tmp_path / "long", steps=4, **kw))
     vg.train(tiny_args(tmp_path / "short", steps=2, **kw))
@@ -2175,7 +2170,7 @@ def test_case_14_a_checkpoint_and_metrics_of_different_runs_are_refused_on_resum
     assert len((tmp_path / "short" / "metrics.jsonl").read_text().splitlines()) == 2  # untouched
 
 
-def test_case_15_toy_world_refuses_a_stage_without_steps(tmp_path, capsys):
+def test_toy_world_refuses_a_stage_without_steps(tmp_path, capsys):
     for flag in ("--var-steps", "--judge-steps"):
         for value in ("0", "-3"):
             with pytest.raises(SystemExit):
@@ -2184,11 +2179,12 @@ def test_case_15_toy_world_refuses_a_stage_without_steps(tmp_path, capsys):
     assert not (tmp_path / "toy").exists()  # refused before anything was made
 
 
-def test_case_16_under_torchrun_the_stop_message_says_what_torchrun_allows(monkeypatch, capsys):
+def test_under_torchrun_the_stop_message_says_what_torchrun_allows(monkeypatch, capsys):
     """torchrun kills its workers --shutdown-timeout seconds after forwarding a signal (30 by default): the message
     says so, and a checkpoint is only ever replaced whole (atomic_save), so the previous one survives a kill."""
     import signal
     monkeypatch.setenv("WORLD_SIZE", "2")
+    as_under_torchrun(monkeypatch)
     with vg.signals_stop_after_the_step() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.1)
@@ -2196,7 +2192,7 @@ def test_case_16_under_torchrun_the_stop_message_says_what_torchrun_allows(monke
     assert "--shutdown-timeout" in (HERE / "README.md").read_text()
 
 
-def test_case_17_the_summary_samples_in_chunks_one_process_proved_to_fit(tiny, monkeypatch):
+def test_the_summary_samples_in_chunks_one_process_proved_to_fit(tiny, monkeypatch):
     vae, var = tiny
     args = tiny_args(Path("unused"), classes_per_step=2, group_size=4, summary_samples=8)
     batches, real = [], vg.sample
@@ -2206,13 +2202,14 @@ def test_case_17_the_summary_samples_in_chunks_one_process_proved_to_fit(tiny, m
         return real(model, vae, label_B, *a, **kw)
     monkeypatch.setattr(vg, "sample", counted)
     monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun: each process rolled out P*G/2 = 4 images
+    as_under_torchrun(monkeypatch)
     policy = vg.Policy(copy.deepcopy(var), args)
     reward_fn = lambda images: (images.mean((1, 2, 3)), {"mean": images.mean((1, 2, 3))}, images.flatten(1))
     vg.measure_policies(policy, vae, reward_fn, None, torch.arange(8) % 10, args, torch.device("cpu"), "test")
     assert batches and max(batches) == 4, batches
 
 
-def test_case_18_the_kl_reference_is_the_starting_policy_at_every_step(tmp_path, monkeypatch):
+def test_the_kl_reference_is_the_starting_policy_at_every_step(tmp_path, monkeypatch):
     """log pi_ref at step 3 equals the log-probs of the starting VAR, read again from disk, of the same tokens; with the
     reference wired to the policy being trained (the mutation below), it does not."""
     def kl_reference_gap(lora_rank: int) -> float:
@@ -2239,7 +2236,7 @@ def test_case_18_the_kl_reference_is_the_starting_policy_at_every_step(tmp_path,
         assert kl_reference_gap(lora_rank) > 1e-3
 
 
-def test_case_19_the_clip_class_judge_encodes_its_class_texts_once_per_weights(tiny_clip_file, tmp_path, monkeypatch):
+def test_the_clip_class_judge_encodes_its_class_texts_once_per_weights(tiny_clip_file, tmp_path, monkeypatch):
     args = real_path_cfg(tiny_clip_file, cache_dir=str(tmp_path), reward="clip=1", prompt="a photo")
     reward_fn = vg.build_reward(args, torch.device("cpu"))
     encoded, real = [], reward_fn.clip.encode_text
@@ -2255,14 +2252,14 @@ def test_case_19_the_clip_class_judge_encodes_its_class_texts_once_per_weights(t
     assert len(list(tmp_path.glob("imagenet_class_emb-*.pt"))) == 1
 
 
-def test_case_20_no_temporary_folder_is_left_behind(tmp_path):
+def test_no_temporary_folder_is_left_behind(tmp_path):
     import subprocess
     script = f"import sys; sys.path.insert(0, {str(HERE)!r}); import var_grpo as vg; vg.register_toy_clip()"
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120, env={**os.environ, "TMPDIR": str(tmp_path)})
     assert list(tmp_path.iterdir()) == []
 
 
-def test_case_21_a_second_ctrl_c_mid_save_leaves_no_tmp(tmp_path, monkeypatch):
+def test_a_second_ctrl_c_mid_save_leaves_no_tmp(tmp_path, monkeypatch):
     real_save = torch.save
 
     def interrupted(obj, f, *a, **kw):
@@ -2274,14 +2271,6 @@ def test_case_21_a_second_ctrl_c_mid_save_leaves_no_tmp(tmp_path, monkeypatch):
         vg.atomic_save({"x": torch.zeros(1)}, tmp_path / "checkpoint.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
     assert (tmp_path / "checkpoint.pt").read_bytes() == b"previous"
-
-
-def test_case_21_a_416_without_a_sha256_is_downloaded_afresh(server, tmp_path):
-    """The server calls the partial file complete (416) but gives no sha256: the .part is not trusted but fetched again
-    and checked."""
-    FileServer.mode = "416 without sha"
-    (tmp_path / "w.pth.part").write_bytes(bytes(len(PAYLOAD)))  # as long as the file, but wrong
-    assert vg.download(f"{server}/file.pth", tmp_path / "w.pth").read_bytes() == PAYLOAD
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2414,9 +2403,9 @@ def test_lab_checks_pass_on_the_project_and_fail_on_each_wiring_mistake(capsys):
 
     def logprobs(var, vae, label_B, tokens, cfg, temperature, *, ramp=True, temp=True, guided=True):
         f = vae.quantize.tokens_to_var_input(tokens)
-        c, n = var(torch.cat((label_B, torch.full_like(label_B, var.num_classes))), f.repeat(2, 1, 1)).chunk(2)
+        cond, null = var(torch.cat((label_B, torch.full_like(label_B, var.num_classes))), f.repeat(2, 1, 1)).chunk(2)
         s = vg.guidance_per_token(var, cfg).float() if ramp else torch.full((1, 1), float(cfg))
-        z = ((1 + s) * c - s * n if guided else c) / (temperature if temp else 1.0)
+        z = ((1 + s) * cond - s * null if guided else cond) / (temperature if temp else 1.0)
         return z.log_softmax(-1).gather(-1, torch.cat(tokens, 1).unsqueeze(-1)).squeeze(-1)
 
     def step(policy, vae, reward_fn, opt, label_B, args, step, *, zero=True, clip=True, norm="group", shuffled=True):

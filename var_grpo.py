@@ -27,7 +27,7 @@ The fine-tuning (GRPO, Shao et al. 2024, as used in the paper)
      from one CLIP forward pass (in the toy world of --tiny: a toy CLIP and a toy aesthetic head; or pixel statistics).
   6. Group-relative advantage, one per image:  A_i = (R_i - mean_group(R)) / (std_group(R) + eps).
   7. Per token t of image i, with rho_t = exp(log pi_theta(a_t) - log pi_old(a_t)) under the guided, temperature-scaled
-     distribution of step 3 (the one a_t was drawn from), the loss J:
+     distribution of §3 (the one a_t was drawn from), the loss J:
        J_i = sum_t w_t [ -min(rho_t A_i, clip(rho_t, 1-eps_clip, 1+eps_clip) A_i) + beta * KL_t ],   J = mean_i J_i
        KL_t = exp(q_t) - q_t - 1,  q_t = log pi_ref(a_t) - log pi_theta(a_t)    (k3 estimator, pi_ref frozen at start)
      By default every token of an image weighs the same, w_t = 1/L; log pi_old is what the sampler recorded.
@@ -71,12 +71,12 @@ Notation, one meaning per symbol. Shapes are written in names (logits_BLV) or in
   The official checkpoints' key names keep their own letters (scale_mul_1H11: H heads; ema_vocab_hit_SV: S scales).
 
 Where this differs from the papers and the official code: beyond its abstract, the GRPO paper's text was not
-available to us (its Figure 1 used VAR-d30), so every default (learning rate, beta, clip range, group size, steps,
-reward weights) is this project's choice; VAR.forward drops no class labels (that belongs to pretraining); only
-the released checkpoints' attention (cosine attention, one AdaLN per block) is implemented.
+available to us, so every default (learning rate, beta, clip range, group size, steps, reward weights) is this
+project's choice; VAR.forward drops no class labels; only the released checkpoints' attention is implemented.
 
-Reading order: Config | Tokenizer (step 1) | Transformer (2) | Sampling (3) | Rewards (5) | GRPO (6-7) | The policy
-(8) | The training loop (4-8) | main. Then an APPENDIX of plumbing that changes nothing the method computes.
+Reading order: Config | Tokenizer (§1) | Transformer (§2) | Sampling (§3) | Rewards (§5) | GRPO (§6-7) | The policy
+(§8) | The training loop (§4-8) | main. Then an APPENDIX of plumbing that changes nothing the method computes; "step"
+always means a training step (one pass of §4-8), "§k" the k-th item above.
 """
 from __future__ import annotations
 
@@ -91,6 +91,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -153,8 +154,7 @@ class Config:
 
 
 # --tiny changes these defaults (flags given explicitly still win): the paper's claim on a CPU in about a minute, the
-# prompt "a lime shape" (a colour the toy VAR never saw) through the toy CLIP and aesthetic head. The README gives the
-# measurements they were chosen by.
+# prompt "a lime shape" (a colour the toy VAR never saw). The README gives the measurements they were chosen by.
 TINY_DEFAULTS = dict(device="cpu", prompt="a lime shape", steps=200, classes_per_step=2, group_size=8, beta=0.05,
                      lr=2e-4, lora_lr=3e-3, num_eval=20, minibatches=2, micro_batch=8, eval_every=50, save_every=100)
 
@@ -170,7 +170,7 @@ TOY_DEPTH = 2
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Tokenizer, step 1: the multi-scale residual VQ-VAE (VAR paper sec. 3.2, Algorithms 1-2; official models/vqvae.py,
+# Tokenizer, §1: the multi-scale residual VQ-VAE (VAR paper sec. 3.2, Algorithms 1-2; official models/vqvae.py,
 # quant.py). Its new idea is the quantiser: it explains the latent f as a sum of K token maps of growing resolution,
 # each quantising what the coarser ones left unexplained. The encoder and decoder around it are the standard
 # VQGAN/LDM CNN, in appendix G. Module names follow the official ones so that the checkpoint loads unchanged.
@@ -263,14 +263,14 @@ class MultiScaleQuantizer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Transformer, step 2: VAR (VAR paper sec. 3.2 and 4, official models/var.py, basic_var.py). A GPT-2-like decoder
+# Transformer, §2: VAR (VAR paper sec. 3.2 and 4, official models/var.py, basic_var.py). A GPT-2-like decoder
 # whose layer norms are modulated by the class embedding (AdaLN), run over the 680 tokens of all scales at once. Its
 # block-causal mask lets a token of scale k see the tokens of scales <= k, never a finer one.
 # ----------------------------------------------------------------------------------------------------------
 
 class KVCache:
     """Sampling: the attention keys and values of the tokens drawn so far, in buffers allocated once for all L tokens
-    (a CUDA graph needs fixed addresses). `start` is where the current scale's tokens go."""
+    (no copy per scale). `start` is where the current scale's tokens go."""
     def __init__(self, L: int):
         self.L, self.start, self.keys, self.values = L, 0, None, None  # keys, values: (2B, nh, L, dh)
 
@@ -377,6 +377,7 @@ class VAR(nn.Module):
         self.blocks = nn.ModuleList([AdaLNBlock(C, num_heads, mlp_ratio, norm_eps) for _ in range(depth)])
         self.head_nm = AdaLNBeforeHead(C, norm_eps)
         self.head = nn.Linear(C, vocab_size)
+        self.grad_checkpointing = False  # --grad-checkpointing (appendix E): forward reads it
 
         # scale index of each token, and the block-causal mask: token i sees token j iff scale(j) <= scale(i)
         lvl_L = torch.cat([torch.full((pn * pn,), si) for si, pn in enumerate(patch_nums)])
@@ -414,12 +415,15 @@ class VAR(nn.Module):
             cond_BC = self.class_emb(label_B)
         x_BLC = self.token_inputs(cond_BC, f_BMCv, 0)
         for block in self.blocks:
-            x_BLC = block(x_BLC, cond_BC, self.attn_bias_for_masking)
+            if self.grad_checkpointing and torch.is_grad_enabled():  # recompute its activations in the backward pass
+                x_BLC = checkpoint(block, x_BLC, cond_BC, self.attn_bias_for_masking, use_reentrant=False)
+            else:
+                x_BLC = block(x_BLC, cond_BC, self.attn_bias_for_masking)
         return self.logits(x_BLC, cond_BC)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Sampling, step 3 (official autoregressive_infer_cfg): one forward pass per scale, 10 at 256 px. Each pass feeds
+# Sampling, §3 (official autoregressive_infer_cfg): one forward pass per scale, 10 at 256 px. Each pass feeds
 # only the new scale's tokens; the keys/values of coarser scales come from the KV cache, which is what makes the
 # block-causal mask unnecessary here. Conditional and null-class halves run as one batch of 2B for CFG.
 # ----------------------------------------------------------------------------------------------------------
@@ -436,7 +440,7 @@ def guidance_per_token(var: VAR, cfg: float):
 
 
 def guide(logits_2BlV, s_l1, temperature: float):
-    """Step 3's distribution, as logits: z = ((1 + s) z(c) - s z(null)) / temperature, from the logits of both CFG
+    """§3's distribution, as logits: z = ((1 + s) z(c) - s z(null)) / temperature, from the logits of both CFG
     branches (the B rows of the classes first, then the B of the null class; s_l1 None: the classes' B rows alone,
     unguided). The sampler calls it for one scale's l tokens, the teacher-forced pass (token_logprobs) for all L.
     s_l1: (l, 1) in float64, rounded to fp32 as the official code's Python floats are, so that both agree bit for bit."""
@@ -490,8 +494,9 @@ def sample(var: VAR, vae: VQVAE, label_B, seed_B, cfg: float = 1.5, temperature:
     tokens, logprobs = [], []
     for si, pn in enumerate(var.patch_nums):
         start = var.scale_ends[si - 1] if si else 0
-        with autocast(device):
+        with autocast(device):  # bf16 on a GPU, as the official code runs; fp32 on a CPU (appendix E)
             logits_2BlV = var.scale_logits(x_2BlC, cond_2BC, kv_caches, si)
+        # top-k / top-p (appendix C) cut the tail for evaluation images only; rollouts keep every token (0, 0)
         logits_BlV = filter_top_k_top_p(guide(logits_2BlV, s_L1[start:var.scale_ends[si]], temperature), top_k, top_p)
         probs_BlV = logits_BlV.softmax(dim=-1)
         idx_Bl = torch.stack([torch.multinomial(probs_lV, 1, generator=g)[:, 0] for probs_lV, g in zip(probs_BlV, gens)])
@@ -501,30 +506,28 @@ def sample(var: VAR, vae: VQVAE, label_B, seed_B, cfg: float = 1.5, temperature:
         quant.add_scale(f_hat_BCvhw, si, idx_Bl)
         if si < K - 1:  # the next scale's input: f_hat so far at its resolution, the same for both CFG halves
             x_2BlC = var.token_inputs(None, quant.next_scale_input(f_hat_BCvhw, si), var.scale_ends[si]).repeat(2, 1, 1)
-    with autocast(device):  # a few images at a time: the decoder's full-resolution activations dominate memory
+    with autocast(device):  # DECODE_BATCH images a pass: the decoder's full-resolution activations dominate memory
         image = torch.cat([vae.fhat_to_img(f).float() for f in f_hat_BCvhw.split(DECODE_BATCH)]).add_(1).mul_(0.5)
     return Sample(tokens, image, torch.cat(logprobs, dim=1) if return_logprobs else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Rewards, step 5. A reward maps a batch of images in [0, 1] to one number per image. The text prompt enters the
+# Rewards, §5. A reward maps a batch of images in [0, 1] to one number per image. The text prompt enters the
 # method only here: VAR stays a class-conditional model and learns to make its classes look like the prompt.
 #   clip       cos(E_img(x), E_txt(prompt)), the raw cosine in [-1, 1], of OpenAI CLIP ViT-L/14 (Radford et al. 2021).
 #   aesthetic  the LAION "improved aesthetic predictor": an MLP on the same, L2-normalised image embedding, ~1 to 10.
 #   redness, area  the toy world's pixel statistics: how red the shape is, how much of the image it covers.
 #   module:function  a reward of your own: one number per image (README, "Your own reward").
-# Default weights clip=1, aesthetic=0.05: over LAION's rated images the aesthetic score spans ~4 points (1.66 for
-# rating 0 to 5.75 for rating 9), a CLIP cosine to a style prompt a few tenths, so the prompt leads and aesthetics
-# keep the images clean. In the toy world both learned rewards are small models trained on toy images.
+# Default weights clip=1, aesthetic=0.05: the aesthetic score spans ~4 points over LAION's rated images, a CLIP cosine
+# to a style prompt a few tenths, so the prompt leads and aesthetics keep the images clean.
 # ----------------------------------------------------------------------------------------------------------
 
 REWARD_NAMES = ("clip", "aesthetic", "redness", "area")
 
 
 def shape_mask(images_B3HW):
-    """The toy world's silhouette: 1 where a pixel differs from the background by >= 0.25 in some channel, 0 below
-    0.1, linear in between (a soft edge for antialiased borders). The background colour is the per-channel median of
-    the border pixels (toy images have a plain background and a shape that never touches the border). (B, 1, H, W)"""
+    """The toy world's silhouette: 1 where a pixel differs from the background (the median of the border pixels) by
+    >= 0.25 in some channel, 0 below 0.1, linear in between (a soft edge for antialiased borders). (B, 1, H, W)"""
     x = images_B3HW.float()
     border = torch.cat((x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]), dim=-1)  # (B, 3, border pixels)
     background_B311 = border.median(dim=-1).values[..., None, None]
@@ -533,8 +536,7 @@ def shape_mask(images_B3HW):
 
 
 def shape_redness(images_B3HW):
-    """Mean of R - (G + B)/2 over the shape's pixels (weighted by shape_mask): +1 for pure red (1, 0, 0), -1 for pure
-    cyan (0, 1, 1), 0 for any grey. (B,)"""
+    """Mean of R - (G + B)/2 over the shape's pixels (weighted by shape_mask): +1 pure red, -1 pure cyan, 0 grey. (B,)"""
     mask_B1HW = shape_mask(images_B3HW)
     red, green, blue = images_B3HW.float().unbind(1)
     red_B1HW = (red - (green + blue) / 2).unsqueeze(1)
@@ -555,6 +557,7 @@ class Reward(nn.Module):
         parts, features_BD = {}, None
         if self.clip is not None:
             with autocast(images_B3HW.device):  # bf16 on a GPU: 4x faster on an H200, cosines within 1e-3 of fp32
+                # clip_input (appendix A): resized, cropped and normalised as this CLIP's own preprocessing would
                 features_BD = F.normalize(self.clip.encode_image(clip_input(self.clip, images_B3HW)).float(), dim=-1)
             if "clip" in self.weights:
                 parts["clip"] = features_BD @ self.text_emb_D
@@ -578,15 +581,13 @@ class Reward(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# GRPO, steps 6-7: advantages within groups, and the clipped surrogate with the KL penalty per token. An image's
-# probability is the product over its 680 tokens of the distributions the sampler drew from; token_logprobs
-# recomputes exactly those (both CFG branches, the same guide) with gradients, in one teacher-forced pass.
+# GRPO, §6-7: advantages within groups, and the clipped surrogate with the KL penalty per token. An image's probability
+# is the product over its 680 tokens of the sampler's distributions; token_logprobs recomputes them with gradients.
 # ----------------------------------------------------------------------------------------------------------
 
 def group_advantages(reward_B, group_size: int, eps: float, norm: str = "group"):
-    """A_i = (R_i - mean_group) / (std + eps), std with Bessel's correction as in the GRPO paper's code: the std of
-    the group (norm="group"), of the whole batch ("batch"), or no division at all ("none", Dr. GRPO).
-    A group whose rewards are all equal has R_i - mean = 0, so its advantages are 0 (nothing to learn), not NaN."""
+    """A_i = (R_i - mean_group) / (std + eps), std with Bessel's correction as in the GRPO paper's code: of the group
+    (norm="group"), of the batch ("batch"), or no division ("none", Dr. GRPO). Equal rewards: advantages 0, not NaN."""
     reward_PG = reward_B.view(-1, group_size)  # images p*G .. p*G+G-1 share a class: one group per row
     diff_PG = reward_PG - reward_PG.mean(1, keepdim=True)
     if norm == "none":
@@ -651,15 +652,15 @@ def scale_token_weights(var: VAR):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The policy, step 8: what is trained, the reference it is held to, and the two things GRPO does with them: roll out
-# (steps 4-5: sample, record log pi_old, score; log pi_ref for the KL term) and accumulate the gradient of J (step 7).
+# The policy, §8: what is trained, the reference it is held to, and the two things GRPO does with them: roll out
+# (§4-5: sample, record log pi_old, score; log pi_ref for the KL term) and accumulate the gradient of J (§7).
 # Full fine-tuning (default) trains every weight of VAR, and pi_ref is a frozen copy of the starting model. With
 # --lora-rank, LoRA adapters (appendix E) are trained instead and pi_ref is the same model with the adapters off.
 # ----------------------------------------------------------------------------------------------------------
 
 @dataclass
 class Rollout:
-    """A step's samples and what the updates need of them, one row per image (steps 4-5)."""
+    """A step's samples and what the updates need of them, one row per image (§4-5)."""
     label_B: torch.Tensor                 # (B,) each image's class: group p is images p*G .. p*G+G-1
     tokens: List[torch.Tensor]            # K token maps (B, pn*pn), the actions
     logp_old_BL: torch.Tensor             # (B, L) log pi_old of each drawn token
@@ -671,18 +672,20 @@ class Rollout:
 
 class Policy:
     """pi_theta, the VAR that AdamW trains (full fine-tuning, or its LoRA adapters), and pi_ref, the starting policy
-    the KL term holds it to: a frozen copy of the starting VAR, or with LoRA the same VAR with its adapters switched
-    off. With beta = 0 and full fine-tuning no reference is kept (the KL term is off)."""
-    def __init__(self, var: VAR, args: Config):
+    the KL term holds it to: a frozen copy, or with LoRA the same VAR with its adapters off (none with beta = 0 and
+    full fine-tuning). `ranks` (appendix H) splits the work over torchrun's processes, `clock` (appendix C) times it;
+    by default one process and a clock not started, which do nothing."""
+    def __init__(self, var: VAR, args: Config, ranks=None, clock=None):
         self.var, self.lora = var, args.lora_rank > 0
         if self.lora:
-            add_lora(var, args.lora_rank)
+            add_lora(var, args.lora_rank)  # appendix E: W + W_up W_down on every block's linears, W frozen, W_up = 0
         self.ref = copy.deepcopy(var).requires_grad_(False) if args.beta > 0 and not self.lora else None
         self.trained = [p for p in var.parameters() if p.requires_grad]
+        self.ranks, self.clock = ranks or Ranks(), clock or PhaseClock()  # appendix H and C: by default, do nothing
 
     @contextmanager
     def reference(self):
-        """pi_ref, as a VAR to run: the frozen copy, or var with its adapters off."""
+        """pi_ref, as a VAR to run: the frozen copy, or var with its adapters off (adapters_off, appendix E)."""
         if self.ref is None and not self.lora:
             raise ValueError("no reference policy is kept with --beta 0 and full fine-tuning")
         with nullcontext(self.ref) if self.ref is not None else adapters_off(self.var) as ref:
@@ -690,50 +693,57 @@ class Policy:
 
     @torch.no_grad()
     def rollout(self, vae: VQVAE, reward_fn, label_B, seed_B, args: Config) -> Rollout:
-        """Steps 4-5 for these images: draw them from pi_old = pi_theta (image b from seed_B[b]) with each token's
+        """§4-5 for these images: draw them from pi_old = pi_theta (image b from seed_B[b]) with each token's
         log pi_old, score them, and compute log pi_ref of their tokens for the KL term (with --old-logprobs recompute,
         log pi_old too, from one teacher-forced pass). The teacher-forced passes run --micro-batch images at a time."""
-        s = sample_in_chunks(self.var, vae, label_B, seed_B, args.sample_batch, args.cfg, args.temperature,
-                             return_logprobs=True)
-        reward_B, parts, features_BD = reward_fn(s.image)
+        mine = self.ranks.share(len(label_B))  # appendix H: this process's P/N whole groups (one process: all)
+        label_B, seed_B = label_B[mine], seed_B[mine]
+        # --sample-batch images at a time (appendix E): the KV cache holds one chunk; the images are the same
+        drawn = sample_in_chunks(self.var, vae, label_B, seed_B, args.sample_batch, args.cfg, args.temperature,
+                                 return_logprobs=True)
+        self.clock("rollout")  # appendix C: the seconds and the peak memory of each phase
+        reward_B, parts, features_BD = reward_fn(drawn.image)
+        self.clock("reward")  # appendix C
 
         def teacher_forced(model):
             return torch.cat([token_logprobs(model, vae, label_B[i:i + args.micro_batch],
-                                             [r_Bl[i:i + args.micro_batch] for r_Bl in s.tokens], args.cfg,
+                                             [r_Bl[i:i + args.micro_batch] for r_Bl in drawn.tokens], args.cfg,
                                              args.temperature) for i in range(0, len(label_B), args.micro_batch)])
-        logp_old_BL = s.logp_BL if args.old_logprobs == "sampler" else teacher_forced(self.var)
+        logp_old_BL = drawn.logp_BL if args.old_logprobs == "sampler" else teacher_forced(self.var)
         logp_ref_BL = None
         if args.beta > 0:
             with self.reference() as ref:
                 logp_ref_BL = teacher_forced(ref)
-        return Rollout(label_B, s.tokens, logp_old_BL, logp_ref_BL, reward_B, parts, features_BD)
+        self.clock("rollout")  # appendix C
+        roll = Rollout(label_B, drawn.tokens, logp_old_BL, logp_ref_BL, reward_B, parts, features_BD)
+        return self.ranks.gather(roll)  # appendix H: every process gets the rollouts of all P groups
 
     def accumulate_gradients(self, vae: VQVAE, roll: Rollout, adv_B, idx_B, args: Config) -> List[dict]:
-        """Step 7 on the rollout's images idx_B: the gradient of J averaged over them, added to the trained weights'
+        """§7 on the rollout's images idx_B: the gradient of J averaged over them, added to the trained weights'
         .grad, --micro-batch images per forward and backward pass. Returns each micro-batch's statistics (grpo_loss's,
         and the mean entropy of pi_theta's token distributions)."""
         weight_L = scale_token_weights(self.var) if args.token_weight == "scale" else None  # None: every token 1/L
-        stats = []
+        idx_B, stats = idx_B[self.ranks.share(len(idx_B))], []  # appendix H: this process's 1/N of the minibatch
         for idx in idx_B.view(-1, min(args.micro_batch, len(idx_B))):
             logp_BL, entropy_BL = token_logprobs(self.var, vae, roll.label_B[idx], [r_Bl[idx] for r_Bl in roll.tokens],
                                                  args.cfg, args.temperature, entropy=True)
             loss, loss_stats = grpo_loss(logp_BL, roll.logp_old_BL[idx], adv_B[idx],
                                          None if roll.logp_ref_BL is None else roll.logp_ref_BL[idx],
                                          args.clip_eps, args.beta, weight_L)
+            check_finite(loss_stats, args)  # appendix C: a non-finite loss stops the run with what to change
             (loss * (len(idx) / len(idx_B))).backward()  # the mean over idx_B, whatever the micro-batch
             stats.append(dict(loss_stats, entropy=entropy_BL.mean().item()))
-        return stats
+        self.ranks.average_gradients(self.trained)  # appendix H: the mean over the processes, as DDP computes it
+        return self.ranks.gather_stats(stats)  # appendix H: every process's statistics, for the step's record
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The training loop, steps 4-8 once per iteration: rollout, reward, advantages, updates. grpo_step is one iteration,
-# train sets up and loops. What is logged and measured, where files go, resuming and stopping on a signal belong to
-# the run directory (appendix D), which hands train the steps to run and records each; appendix H splits a step's
-# work over torchrun's processes. Neither changes what a step computes.
+# The training loop, §4-8 once per step: grpo_step is one step, train sets up and loops. What is logged, where files
+# go, resuming and stopping on a signal belong to the run directory (appendix D); it changes nothing a step computes.
 # ----------------------------------------------------------------------------------------------------------
 
 def grpo_step(policy: Policy, vae: VQVAE, reward_fn, opt, label_B, args: Config, step: int) -> dict:
-    """One GRPO step (docstring steps 4-8) on P groups of G images: label_B holds the P classes, each repeated G times.
+    """One GRPO step (docstring §4-8) on P groups of G images: label_B holds the P classes, each repeated G times.
     Its random draws are keyed by (--seed, step). Returns the rollout, the advantages, each minibatch's micro-batch
     statistics and gradient norm: what the step's log record is made of (appendix C)."""
     # 4-5. rollout: P*G images from the current policy, each token's log pi_old and log pi_ref, each image's reward
@@ -747,20 +757,21 @@ def grpo_step(policy: Policy, vae: VQVAE, reward_fn, opt, label_B, args: Config,
         for idx_B in order_B.view(args.minibatches, -1):
             opt.zero_grad(set_to_none=True)
             stats.append(policy.accumulate_gradients(vae, roll, adv_B, idx_B, args))
-            # a non-finite gradient raises here, before opt.step could write NaN into every weight
-            grad_norms.append(nn.utils.clip_grad_norm_(policy.trained, args.max_grad_norm, error_if_nonfinite=True).item())
+            grad_norms.append(nn.utils.clip_grad_norm_(policy.trained, args.max_grad_norm).item())
+            check_finite(dict(grad_norm=grad_norms[-1]), args)  # appendix C: before opt.step could write NaN weights
             opt.step()
     return dict(rollout=roll, adv_B=adv_B, stats=stats, grad_norms=grad_norms)
 
 
 def train(args: RunConfig) -> dict:
-    """GRPO as the settings say, from Python as from the command line: the pretrained models (steps 1-3), the reward
-    (step 5), the policy (step 8), then steps 4-8 once per step. Returns {"out", "records", "var", "summary", "stopped"}."""
+    """GRPO as the settings say, from Python as from the command line: the pretrained models (§1-3), the reward
+    (§5), the policy (§8), then §4-8 once per step. Returns {"out", "records", "var", "summary", "stopped"}."""
     with Run(args) as run:  # appendix D: every setting checked, --out taken for this run, the checkpoint opened
         torch.manual_seed(args.seed)  # what draws from torch's global generator: LoRA's W_down
         vae, var = load_models(args, run.device)
         reward_fn = build_reward(args, run.device)
-        policy = Policy(var, args)
+        policy = Policy(var, args, run.ranks, run.clock)  # appendix H and C: torchrun's processes, the step's timing
+        use_the_device(args, run.device, policy)  # appendix E: bf16 frozen weights, --compile, --grad-checkpointing
         opt = torch.optim.AdamW(policy.trained, lr=args.lora_lr if policy.lora else args.lr,
                                 weight_decay=args.weight_decay, fused=run.device.type == "cuda")
         pool, heldout = class_pools(args, var.num_classes)  # heldout: never drawn for training, measured apart at the end
@@ -809,23 +820,21 @@ import time
 from dataclasses import fields
 from datetime import timedelta
 from pathlib import Path
-from urllib.parse import unquote
 
 import requests
 import torch.distributed as dist
 
 # ----------------------------------------------------------------------------------------------------------
-# A. Weights. The official files live on Hugging Face; we download them once with requests into a cache,
-# resuming interrupted downloads and checking the sha256 the server reports, then load them with
-# strict=True so that any mismatch with the official architecture is an error, not a silent wrong model.
+# A. Weights. VAR, the VQ-VAE and CLIP come from Hugging Face through huggingface_hub, into the cache every Hugging
+# Face tool shares (resumed, locked, HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE); the aesthetic head, one small file on
+# GitHub, is checked against its known sha256. Everything is loaded with strict=True and weights_only=True.
 # ----------------------------------------------------------------------------------------------------------
 
-VAR_URL = "https://huggingface.co/FoundationVision/var/resolve/main/"
-VAE_FILE = "vae_ch160v4096z32.pth"
-CLIP_URL = "https://huggingface.co/timm/vit_large_patch14_clip_224.openai/resolve/main/"
-CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+VAR_REPO, VAE_FILE = "FoundationVision/var", "vae_ch160v4096z32.pth"
+CLIP_REPO, CLIP_FILE = "timm/vit_large_patch14_clip_224.openai", "open_clip_model.safetensors"  # where open_clip gets it
 AESTHETIC_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
                  "sac%2Blogos%2Bava1-l14-linearMSE.pth")
+AESTHETIC_SHA256 = "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0"  # testdata/aesthetic/ holds it
 
 
 class WeightsError(RuntimeError):
@@ -833,103 +842,60 @@ class WeightsError(RuntimeError):
 
 
 def cache_dir(args: Config) -> Path:
+    """Where this script keeps what is not on the Hub: the aesthetic head and the CLIP class judge's text embeddings."""
     return Path(args.cache_dir or os.environ.get("VAR_GRPO_CACHE") or Path.home() / ".cache" / "var_grpo")
 
 
-def download(url: str, dest: Path, attempts: int = 3, timeout: float = 30.0) -> Path:
-    """Download url to dest unless dest exists. Bytes stream into dest.part, which survives an interruption and is
-    resumed with an HTTP Range request; dest appears only once the file is complete and its sha256 is the one the
-    server reports. Processes sharing the cache take turns through dest.lock: the second finds the file complete."""
-    dest, part = Path(dest), Path(str(dest) + ".part")
-    manual = (f"You can download it by hand (e.g. in a browser) and save it as {dest}, "
-              f"or pass its local path with --vae-ckpt / --var-ckpt / --clip-ckpt / --aesthetic-ckpt.")
-    if dest.exists():
+def hub_file(repo: str, name: str, flag: str) -> Path:
+    """The file `name` of the Hub repository `repo`, from the Hugging Face cache or downloaded into it. A large (LFS)
+    file's blob is named by its sha256, so a corrupt blob is found, deleted and never loaded."""
+    from huggingface_hub import hf_hub_download
+    try:
+        path = Path(hf_hub_download(repo, name))
+    except Exception as e:
+        raise WeightsError(f"{name} of the Hub repository {repo} is not in the Hugging Face cache and could not be "
+                           f"downloaded ({type(e).__name__}: {first_line(e)}); fetch it with `hf download {repo} {name}` "
+                           f"on a machine online, or pass its path with {flag}") from None
+    blob = path.resolve()
+    if re.fullmatch(r"[0-9a-f]{64}", blob.name) and file_sha256(blob) != blob.name:
+        blob.unlink()
+        raise WeightsError(f"{name} of {repo} in the Hugging Face cache was corrupt (its sha256 is not {blob.name}) "
+                           f"and was deleted: run again to download it afresh")
+    return path
+
+
+def aesthetic_file(args: Config) -> Path:
+    """The LAION head: in cache_dir, else downloaded to a file of this process's own, checked, then renamed into place
+    (two runs at once each write their own copy)."""
+    dest = cache_dir(args) / "sac+logos+ava1-l14-linearMSE.pth"
+    if dest.is_file():
         return dest
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise WeightsError(f"{dest.name} is not in the cache ({dest}) and HF_HUB_OFFLINE is set, so it is not "
-                           f"downloaded from {url}. {manual}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    waiting = lambda f: print(f"another process is downloading {dest.name}; waiting for it", file=sys.stderr)
-    with file_lock(Path(str(dest) + ".lock"), waiting):
-        from tqdm import tqdm
-        for attempt in range(attempts):
-            if dest.exists():  # (another process finished it)
-                return dest
-            have = part.stat().st_size if part.exists() else 0
-            try:
-                with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True, timeout=timeout) as r:
-                    expected_sha = reported_sha256(r)
-                    if r.status_code not in (200, 206, 416):  # 416: the .part already holds the whole file
-                        raise WeightsError(f"Downloading {url} failed: HTTP {r.status_code} {r.reason}. {manual}")
-                    if r.status_code == 416 and expected_sha is None:  # "complete", unverifiable: download afresh
-                        part.unlink()
-                        raise requests.ConnectionError(f"the server calls {part.name} complete but gives no sha256 to "
-                                                       f"check it by")
-                    if r.status_code != 416:
-                        have = 0 if r.status_code == 200 else have  # 200: the server ignored Range, start over
-                        size = r.headers.get("Content-Length")
-                        total = have + int(size) if size is not None else None
-                        with open_no_symlink(part, "ab" if have else "wb") as f, tqdm(
-                                total=total, initial=have, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar:
-                            for chunk in r.iter_content(chunk_size=1 << 16):  # small reads: little is lost if cut
-                                f.write(chunk)
-                                bar.update(len(chunk))
-                        if total is not None and part.stat().st_size < total:
-                            raise requests.ConnectionError(f"connection closed at {part.stat().st_size} of {total} bytes")
-            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
-                if attempt < attempts - 1:
-                    print(f"download of {dest.name} interrupted ({e}); resuming", file=sys.stderr)
-                    continue
-                have = part.stat().st_size if part.exists() else 0
-                kept = f"{have} bytes are kept in {part} and the next run resumes from there" if have else "nothing was downloaded"
-                raise WeightsError(f"Downloading {url} failed after {attempts} attempts ({e}); {kept}. {manual}") from e
-            if expected_sha is not None and file_sha256(part) != expected_sha:
-                part.unlink()  # corrupt: never let it become the cached file, and don't resume from it
-                raise WeightsError(f"Downloaded {url} but its sha256 is not {expected_sha} as the server reports: the "
-                                   f"file is corrupt and was deleted. Run again, or: {manual}")
-            os.replace(part, dest)
-            return dest
-
-
-def reported_sha256(response: requests.Response) -> Optional[str]:
-    """Hugging Face reports a large (LFS) file's sha256 as its X-Linked-Etag (on the redirect) or ETag."""
-    for r in [*response.history, response]:
-        for name in ("X-Linked-Etag", "ETag"):
-            tag = r.headers.get(name, "").strip().strip('"').removeprefix("W/").strip('"').lower()
-            if len(tag) == 64 and all(c in "0123456789abcdef" for c in tag):
-                return tag
-    return None
-
-
-@contextmanager
-def file_lock(path: Path, when_busy):
-    """An exclusive lock on `path` while the block runs, which the operating system releases however the process ends.
-    If another process holds it, when_busy(f) is called with the lock file (open for reading and appending): it raises,
-    or returns to wait. Yields that file. Without locks (some network mounts): a warning; on Windows: None."""
+        raise WeightsError(f"{dest} does not exist and HF_HUB_OFFLINE is set: download {AESTHETIC_URL} to that path, "
+                           f"or pass it with --aesthetic-ckpt")
     try:
-        import fcntl
-    except ImportError:
-        yield None
-        return
-    with open_no_symlink(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            when_busy(f)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        except OSError as e:
-            print(f"warning: cannot lock {path} ({e.strerror}); make sure no other process uses {path.parent} at the "
-                  f"same time", file=sys.stderr)
-        yield f
+        response = requests.get(AESTHETIC_URL, timeout=60)
+        response.raise_for_status()
+    except requests.RequestException as e:
+        raise WeightsError(f"downloading {AESTHETIC_URL} failed ({first_line(e)}); save it as {dest} by hand, or "
+                           f"pass it with --aesthetic-ckpt") from None
+    if hashlib.sha256(response.content).hexdigest() != AESTHETIC_SHA256:
+        raise WeightsError(f"the file downloaded from {AESTHETIC_URL} is not the LAION head (sha256 {AESTHETIC_SHA256}); "
+                           f"nothing was kept: run again, or pass the file with --aesthetic-ckpt")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(f"{dest.name}.{os.getpid()}.part")
+    with open_no_symlink(part, "wb") as f:
+        f.write(response.content)
+    os.replace(part, dest)
+    return dest
 
 
-def weight_path(local: str, url: str, args: Config) -> Path:
-    """A user-given local file (no network needed), else the cached copy of url (under the URL's last part, %-escapes
-    decoded: %2B -> +), downloaded if missing."""
-    if local and not Path(local).is_file():
-        raise WeightsError(f"{local} is a directory; give the path of the .pth file itself." if Path(local).is_dir() else
-                           f"{local} does not exist; give the path of a weight file that does.")
-    return Path(local) if local else download(url, cache_dir(args) / unquote(url.rsplit("/", 1)[-1]))
+def local_file(path: str) -> Path:
+    """A weight file the user gave (--*-ckpt), which must exist: no network needed."""
+    if not Path(path).is_file():
+        raise WeightsError(f"{path} is {'a directory' if Path(path).is_dir() else 'not there'}; give the path of a "
+                           f"weight file")
+    return Path(path)
 
 
 def read_state_dict(path: Path) -> dict:
@@ -937,13 +903,11 @@ def read_state_dict(path: Path) -> dict:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise WeightsError(f"{path} is not a PyTorch checkpoint that torch.load(weights_only=True) can read "
-                           f"({first_line(e)}); nothing in it was run. Pass an official VAR/VQVAE .pth "
-                           f"file or one this script exported. If {path.name} is a download in the weight cache, delete "
-                           f"{path}: the next run downloads it afresh.") from None
+                           f"({first_line(e)}); nothing in it was run") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        keys = list(sd)[:8] if isinstance(sd, dict) else type(sd).__name__
-        raise WeightsError(f"{path} is not a plain state_dict of tensors (it holds {keys}). Pass an official "
-                           f"VAR/VQVAE .pth file or the exported var_final.pth (training checkpoints go to --resume).")
+        held = list(sd)[:8] if isinstance(sd, dict) else type(sd).__name__
+        raise WeightsError(f"{path} is not a plain state_dict of tensors (it holds {held}); training checkpoints go to "
+                           f"--resume")
     return sd
 
 
@@ -959,17 +923,20 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
         width = sd["class_emb.weight"].shape[1]
         raise WeightsError(f"{path} looks like VAR-d{width // 64} (width {width}) but depth {model.depth} was asked "
                            f"(width {model.C}). Pass --depth {width // 64} or the var_d{model.depth}.pth file.")
-    want = {k: v.shape for k, v in model.state_dict().items()}
-    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
-    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(want[k])}" for k in want if k in sd and sd[k].shape != want[k]]
-    if missing or unexpected or wrong:
-        what = type(model).__name__
-        raise WeightsError(f"{path} does not fit the {what} that was built: missing keys {missing[:10]}"
-                           f"{' ...' if len(missing) > 10 else ''}, unexpected keys {unexpected[:10]}"
-                           f"{' ...' if len(unexpected) > 10 else ''}, shape mismatches {wrong[:10]}. "
-                           f"Check that the file is the {what} checkpoint and that --depth matches it.")
+    problems = key_problems(model.state_dict(), sd)
+    if problems:
+        raise WeightsError(f"{path} does not fit the {type(model).__name__} that was built: {'; '.join(problems)}")
     model.load_state_dict(sd, strict=True, assign=True)
     return model.float()  # the fixtures store fp16; the official files fp32
+
+
+def key_problems(want: dict, got: dict) -> List[str]:
+    """How the state_dict `got` differs from `want` (a model's): missing and unexpected keys, wrong shapes."""
+    shape = lambda v: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    wrong = [f"{k} {shape(got[k])} instead of {shape(want[k])}" for k in want if k in got and shape(got[k]) != shape(want[k])]
+    return [f"{what}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}" for what, items in
+            (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if items]
 
 
 def build_var(arch: dict, depth: int) -> VAR:
@@ -1000,11 +967,11 @@ def load_models(args: Config, device: torch.device):
 
 
 def base_weight_files(args: Config) -> dict:
-    """{"vae": path, "var": path}: the files the tokenizer and the starting VAR are read from (downloaded if missing)."""
+    """{"vae": path, "var": path}: the files the tokenizer and the starting VAR are read from."""
     if args.tiny:
         return {"vae": Path(toy_path("vae.pth", args.vae_ckpt)), "var": Path(toy_path("var.pth", args.var_ckpt))}
-    return {"vae": weight_path(args.vae_ckpt, VAR_URL + VAE_FILE, args),
-            "var": weight_path(args.var_ckpt, VAR_URL + f"var_d{args.depth}.pth", args)}
+    return {"vae": local_file(args.vae_ckpt) if args.vae_ckpt else hub_file(VAR_REPO, VAE_FILE, "--vae-ckpt"),
+            "var": local_file(args.var_ckpt) if args.var_ckpt else hub_file(VAR_REPO, f"var_d{args.depth}.pth", "--var-ckpt")}
 
 
 _sha256_of: dict = {}  # (path, size, mtime) -> sha256: each file is hashed once per process unless it changes
@@ -1023,15 +990,13 @@ def file_sha256(path: Path) -> str:
 
 
 def base_fingerprint(args: Config) -> dict:
-    """The sha256 of each base weight file: recorded in every checkpoint, so that a resumed run (and the LoRA merge at
-    the end) can refuse a base that changed underneath it."""
+    """The sha256 of each base weight file, kept in every checkpoint: a resume or a LoRA merge refuses another base."""
     return {name: file_sha256(path) for name, path in base_weight_files(args).items()}
 
 
 TOY_DIR = Path(__file__).resolve().parent / "notebooks" / "toy"
-TOY_RESTORE = (f"The toy world's weights ship with the repository in {TOY_DIR}: restore them with `git checkout -- "
-               f"notebooks/toy`, or rebuild them from scratch with `python notebooks/toy_world.py --out notebooks/toy` "
-               f"(about 25 minutes on 2 CPU cores).")
+TOY_RESTORE = (f"The toy world's weights ship in {TOY_DIR}: restore them with `git checkout -- notebooks/toy`, or "
+               f"rebuild them with `python notebooks/toy_world.py --out notebooks/toy` (~25 minutes on 2 cores).")
 
 
 def toy_path(name: str, local: str = "") -> str:
@@ -1046,23 +1011,20 @@ TOY_SET = "toy_set.json"  # beside the toy weights (toy_world.py writes it last)
 
 
 def check_toy_set(paths: dict):
-    """The toy world's VQ-VAE, VAR, CLIP and aesthetic head are trained on one another, so they must come from one run
-    of toy_world.py: each must be the file its folder's toy_set.json lists, and every list must be of one set. A VAR
-    that a GRPO run exported (var_final.pth) is in no list and is not checked; the judge reads pixels, not tokens."""
+    """The toy models are trained on one another, so they must be files of one toy_world.py run, as their folders'
+    toy_set.json lists them (a VAR a GRPO run exported is in no list, and not checked)."""
     sets = {}
     for name, path in paths.items():
         listed = json.loads((path.parent / TOY_SET).read_text()) if (path.parent / TOY_SET).is_file() else None
         if name == "var" and (listed is None or path.name not in listed["files"]):
             continue
         if listed is None or listed["files"].get(path.name) != file_sha256(path):
-            raise WeightsError(f"{path} is not a file that {path.parent / TOY_SET} lists (notebooks/toy_world.py writes "
-                               f"that list last, after a whole set): the folder holds a half-written or mixed set, and "
-                               f"a VAE of one set decodes the tokens of another into noise.\n{TOY_RESTORE}")
+            raise WeightsError(f"{path} is not a file that {path.parent / TOY_SET} lists: the folder holds a half-written "
+                               f"or mixed set of toy weights.\n{TOY_RESTORE}")
         sets[name] = listed["set"]
     if len(set(sets.values())) > 1:
         raise WeightsError("the toy weights come from different runs of toy_world.py: " + ", ".join(
-            f"{paths[n]} (set {s[:8]})" for n, s in sets.items()) + ". Pass files of one folder: --vae-ckpt, "
-            "--var-ckpt, --clip-ckpt and --aesthetic-ckpt of one toy world.")
+            f"{paths[n]} (set {s[:8]})" for n, s in sets.items()) + "; pass the files of one folder")
 
 
 def load_toy(model: nn.Module, name: str, local: str = "") -> nn.Module:
@@ -1075,30 +1037,21 @@ def load_toy(model: nn.Module, name: str, local: str = "") -> nn.Module:
 
 
 def load_clip(name: str, pretrained: Optional[str]):
-    """open_clip's model `name` with the weights `pretrained` (a file or an open_clip tag; None: random), or an error
-    that names the file."""
+    """open_clip's model `name` with the weights `pretrained` (a file or an open_clip tag; None: random)."""
     import open_clip
     try:
         return open_clip.create_model(name, pretrained=pretrained)
     except Exception as e:
         if pretrained is None or not Path(pretrained).is_file():
             raise
-        restore = (f"\n{TOY_RESTORE}" if Path(pretrained).resolve().parent == TOY_DIR else
-                   f" If it is a download in the weight cache, delete {pretrained}: the next run downloads it afresh.")
+        restore = f"\n{TOY_RESTORE}" if Path(pretrained).resolve().parent == TOY_DIR else ""
         raise WeightsError(f"{pretrained} cannot be loaded as {name} weights by open_clip ({type(e).__name__}: "
                            f"{str(e)[:300]}).{restore}") from None
 
 
 def clip_weights(args: Config) -> str:
     """What open_clip's `pretrained` gets: --clip-ckpt (a file or a tag), else the OpenAI ViT-L/14 from the cache."""
-    if args.clip_ckpt:
-        return args.clip_ckpt
-    for i, name in enumerate(CLIP_FILES):  # prefer safetensors, fall back to the pickled file
-        try:
-            return str(download(CLIP_URL + name, cache_dir(args) / "clip-vit-l-14-openai" / name))
-        except WeightsError:
-            if i == len(CLIP_FILES) - 1:
-                raise
+    return args.clip_ckpt or str(hub_file(CLIP_REPO, CLIP_FILE, "--clip-ckpt"))
 
 
 # The toy world's CLIP: an open_clip model of this config (registered under TOY_CLIP), trained contrastively on toy
@@ -1166,7 +1119,7 @@ def load_aesthetic_for(args: Config, dim: int, device: torch.device, random_weig
     else:
         with torch.device("meta"):
             aesthetic = AestheticHead()
-        aesthetic = load_weights(aesthetic, weight_path(args.aesthetic_ckpt, AESTHETIC_URL, args))
+        aesthetic = load_weights(aesthetic, local_file(args.aesthetic_ckpt) if args.aesthetic_ckpt else aesthetic_file(args))
     return aesthetic.to(device).eval().requires_grad_(False)
 
 
@@ -1253,15 +1206,15 @@ class RunConfig(Config):
     device: str = "auto"
     """torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
     vae_ckpt: str = ""
-    """local path of vae_ch160v4096z32.pth; empty: download it into the cache"""
+    """local path of vae_ch160v4096z32.pth; empty: from the Hugging Face cache, downloaded if missing"""
     var_ckpt: str = ""
-    """local path of var_d{depth}.pth (or weights this script exported); empty: download it into the cache"""
+    """local path of var_d{depth}.pth (or weights this script exported); empty: from the Hugging Face cache"""
     clip_ckpt: str = ""
-    """CLIP weights: a local file or an open_clip pretrained tag; empty: the OpenAI ViT-L/14, downloaded into the cache"""
+    """CLIP weights: a local file or an open_clip pretrained tag; empty: the OpenAI ViT-L/14 from the Hugging Face cache"""
     aesthetic_ckpt: str = ""
-    """local path of sac+logos+ava1-l14-linearMSE.pth; empty: download it into the cache"""
+    """local path of sac+logos+ava1-l14-linearMSE.pth; empty: from --cache-dir, downloaded if missing"""
     cache_dir: str = ""
-    """where downloaded weights are kept; empty: $VAR_GRPO_CACHE, else ~/.cache/var_grpo"""
+    """where the aesthetic head and the class judge's embeddings are kept; empty: $VAR_GRPO_CACHE, else ~/.cache/var_grpo"""
     out: str = ""
     """output directory, one run at a time; empty: runs/<prompt>-d<depth> (runs/tiny-<prompt>-<reward> with --tiny)"""
     resume: bool = False
@@ -1289,13 +1242,9 @@ class RunConfig(Config):
     grad_checkpointing: bool = False
     """recompute each block's activations in the backward pass: less memory, ~30% slower updates"""
     compile: bool = True
-    """GPU only: torch.compile the blocks of the teacher-forced passes (needs triton; README: what it saves)"""
-    cuda_graphs: bool = False
-    """GPU only: replay the sampler's passes as CUDA graphs (faster; holds the rollout's KV cache for good)"""
+    """GPU only: torch.compile the VAR's teacher-forced pass (needs triton; README: what it saves)"""
     bench: bool = False
-    """time whole GRPO steps at --depth with random weights, plus sampling and a teacher-forced pass; then exit"""
-    bench_batch: int = 2
-    """batch size of --bench's sampling and teacher-forced timings"""
+    """time whole GRPO steps at --depth with random weights (no download), then exit"""
 
 
 def field_help() -> dict:
@@ -1376,10 +1325,10 @@ def parse_classes(spec: str, num_classes: int) -> torch.Tensor:
     if not spec.strip():
         return torch.arange(num_classes)
     try:
-        ids = [int(c) for c in spec.split(",") if c.strip()]
+        ids = [int(i) for i in spec.split(",") if i.strip()]
     except ValueError:
         raise ValueError(f"--classes {spec!r} must be comma-separated integers, e.g. --classes 207,360,980") from None
-    bad = [c for c in ids if not 0 <= c < num_classes]
+    bad = [i for i in ids if not 0 <= i < num_classes]
     if not ids or bad:
         raise ValueError(f"--classes {spec!r}: class ids must lie in 0..{num_classes - 1} (got {bad or 'none'})")
     return torch.tensor(ids)
@@ -1423,8 +1372,8 @@ def check_config(args: Config):
     if problems:
         raise ValueError("bad configuration:\n  " + "\n  ".join(problems))
     need(args.group_size >= 2, f"--group-size {args.group_size}: GRPO compares images within a group, so it needs at least 2")
-    for least, names in ((1, "classes_per_step minibatches micro_batch inner_epochs steps eval_every save_every num_eval "
-                             "bench_batch"), (0, "summary_samples sample_batch lora_rank eval_top_k beta cfg adv_eps weight_decay")):
+    for least, names in ((1, "classes_per_step minibatches micro_batch inner_epochs steps eval_every save_every num_eval"),
+                         (0, "summary_samples sample_batch lora_rank eval_top_k beta cfg adv_eps weight_decay")):
         for name in names.split():
             need(getattr(args, name) >= least, f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least {least}")
     for flag, value in (("--lr", args.lr), ("--lora-lr", args.lora_lr)):
@@ -1505,16 +1454,16 @@ def check_writable(path: Path, what: str):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# C. Measuring a run: each step's log record, its timing and a check for non-finite losses (installed into the policy
-# by watch), the evaluation grids, the end-of-run comparison of the starting and the final policy (summary.json), and
-# the toy world's measures from pixels (the colour of a shape, the judge of its class), which no reward model can fool.
+# C. Measuring a run: each step's timing (PhaseClock, which the policy's phases mark) and log record, the check for
+# non-finite losses and gradients, the evaluation grids, the end-of-run comparison of the starting and the final
+# policy (summary.json), and the toy world's measures from pixels, which no reward model can fool.
 # ----------------------------------------------------------------------------------------------------------
 
 class PhaseClock:
     """The seconds and the peak GPU memory of a step's phases. start() begins a step; clock(phase) marks where a phase
     ends, after waiting for the GPU, and adds the time since the last mark to that phase (a phase may come in pieces);
-    stop() ends the step, after which marks (an evaluation's reward) are ignored. Each piece's peak memory is its own."""
-    def __init__(self, device: torch.device):
+    stop() ends the step. A clock not started (or stopped) ignores its marks."""
+    def __init__(self, device: torch.device = torch.device("cpu")):
         self.device, self.last, self.seconds, self.peak_gb = device, None, {}, {}
 
     def start(self):
@@ -1537,27 +1486,11 @@ class PhaseClock:
         self.seconds[phase], self.last = self.seconds.get(phase, 0.0) + now - self.last, now
 
 
-def watch(policy: Policy, reward_fn: Reward, device: torch.device, args: Config) -> PhaseClock:
-    """Install the step's measurements into what the loop calls, changing nothing it computes: a PhaseClock that times
-    the rollout (sampling and the teacher-forced log pi_ref pass), the reward within it and, by the caller, the update;
-    and a check that stops before an update whose loss is not finite (the gradient is checked by grpo_step)."""
-    clock, rollout, accumulate = PhaseClock(device), policy.rollout, policy.accumulate_gradients
-    if isinstance(reward_fn, nn.Module):  # (a plain function, as some tests pass, is timed as part of the rollout)
-        reward_fn.register_forward_pre_hook(lambda module, inputs: clock("rollout"))
-        reward_fn.register_forward_hook(lambda module, inputs, outputs: clock("reward"))
-
-    def timed_rollout(*a, **kw):
-        roll = rollout(*a, **kw)
-        clock("rollout")
-        return roll
-
-    def checked_accumulate(*a, **kw):
-        stats = accumulate(*a, **kw)
-        if not all(math.isfinite(st["kl_loss"]) and math.isfinite(st["policy_loss"]) for st in stats):
-            raise FloatingPointError(non_finite_advice(stats, args))
-        return stats
-    policy.rollout, policy.accumulate_gradients = timed_rollout, checked_accumulate
-    return clock
+def check_finite(stats: dict, args: Config):
+    """Raise a FloatingPointError that says which setting to change if a loss term or the gradient norm in stats (a
+    micro-batch's grpo_loss statistics, or {"grad_norm": ...}) is not finite: before the update reaches the weights."""
+    if not all(math.isfinite(stats[k]) for k in ("policy_loss", "kl_loss", "grad_norm") if k in stats):
+        raise FloatingPointError(non_finite_advice(stats, args))
 
 
 def step_record(result: dict, args: Config, clock: PhaseClock) -> dict:
@@ -1599,32 +1532,32 @@ def step_record(result: dict, args: Config, clock: PhaseClock) -> dict:
         **{f"peak_gpu_mem_gb_{phase}": peak_gb.get(phase) for phase in ("rollout", "reward", "update")})
 
 
-def non_finite_advice(stats: Optional[List[dict]], args: Config) -> str:
-    """Why an update's loss or gradient is not finite, and which setting to change, judged from the loss terms of its
-    micro-batches (None: they were finite, the gradient was not)."""
-    kl_bad = stats is not None and any(not math.isfinite(st["kl_loss"]) for st in stats)
-    gaps = [st.get("log_ratio_max", 0.0) for st in stats or []]  # |log rho|: ~1e-5 before an update, < 1 after a sane one
-    if args.cfg > 3 and not all(g < 20 for g in gaps):
-        cause = (f"log rho = log pi_theta - log pi_old reached {max(gaps):.3g} nats, so the ratio overflowed: the teacher-"
+def non_finite_advice(stats: dict, args: Config) -> str:
+    """Why an update's loss or gradient is not finite, and which setting to change, judged from a micro-batch's loss
+    terms (or, when only the gradient norm is given, from its being the gradient)."""
+    gradient = "grad_norm" in stats
+    gap = stats.get("log_ratio_max", 0.0)  # |log rho|: ~1e-5 before an update, < 1 after a sane one
+    if args.cfg > 3 and not gap < 20:
+        cause = (f"log rho = log pi_theta - log pi_old reached {gap:.3g} nats, so the ratio overflowed: the teacher-"
                  f"forced pass and the sampler disagree about the drawn tokens, since guidance multiplies the logits' "
                  f"rounding errors by up to 1 + cfg = {1 + args.cfg:g}. Lower --cfg (now {args.cfg}; 1.5 to 3 is usual)")
-    elif kl_bad:
+    elif not gradient and not math.isfinite(stats["kl_loss"]):
         cause = (f"the KL term (beta {args.beta} x k3 KL, whose exp(log pi_ref - log pi_theta) overflowed) is not finite: "
                  f"the policy has moved too far from pi_ref. Lower --lr (now {args.lr}); a larger --beta would not help")
-    elif stats is not None:
+    elif not gradient:
         cause = (f"the clipped surrogate is not finite (a non-finite advantage or log-probability): lower --lr (now "
                  f"{args.lr}), and check the reward")
     else:
         cause = (f"the loss terms are finite, so the backward pass overflowed: lower --lr (now {args.lr})"
                  + (f" or --cfg (now {args.cfg}: guidance scales the logits' gradient)" if args.cfg > 3 else ""))
-    return f"the {'loss' if stats is not None else 'gradient norm'} is not finite, so this update was not applied; {cause}"
+    return f"the {'gradient norm' if gradient else 'loss'} is not finite, so this update was not applied; {cause}"
 
 
 def group_diversity(features_BD, group_size: int) -> float:
-    """Mean pairwise cosine distance 1 - cos(e_i, e_j) between the images of each group, averaged over groups.
+    """Mean pairwise cosine distance 1 - cos(emb_i, emb_j) between the images of each group, averaged over groups.
     Near 0 means a group's images all look alike: the policy has collapsed onto one reward-hacking image."""
-    e_PGD = F.normalize(features_BD.float(), dim=-1).view(-1, group_size, features_BD.shape[-1])
-    sim_PGG = e_PGD @ e_PGD.transpose(1, 2)
+    emb_PGD = F.normalize(features_BD.float(), dim=-1).view(-1, group_size, features_BD.shape[-1])
+    sim_PGG = emb_PGD @ emb_PGD.transpose(1, 2)
     off_diagonal = sim_PGG.sum((1, 2)) - sim_PGG.diagonal(dim1=1, dim2=2).sum(1)
     return (1 - off_diagonal / (group_size * (group_size - 1))).mean().item()
 
@@ -1693,7 +1626,7 @@ def measure_policies(policy: Policy, vae, reward_fn, judge, labels, args: Config
                 if args.tiny:
                     colours.append(toy_colour_of(images))
         features_BD = torch.cat(features)
-        drawn[name] = {"reward": torch.cat(rewards), **{c: torch.cat([p[c] for p in parts]) for c in parts[0]}}
+        drawn[name] = {"reward": torch.cat(rewards), **{j: torch.cat([p[j] for p in parts]) for j in parts[0]}}
         per_class = [group_diversity(features_BD[labels == c], int((labels == c).sum())) for c in labels.unique()
                      if (labels == c).sum() > 1]
         result[f"diversity_{name}"] = float(np.mean(per_class)) if per_class else None
@@ -1703,7 +1636,7 @@ def measure_policies(policy: Policy, vae, reward_fn, judge, labels, args: Config
             result[f"class_accuracy_se_{name}"] = math.sqrt(accuracy * (1 - accuracy) / n)  # binomial
         if args.tiny:
             colour_B = torch.cat(colours)
-            result[f"colours_{name}"] = {c: (colour_B == i).float().mean().item() for i, c in enumerate([*TOY_COLOURS, "none"])}
+            result[f"colours_{name}"] = {colour: (colour_B == i).float().mean().item() for i, colour in enumerate([*TOY_COLOURS, "none"])}
 
     def change(key: str) -> dict:  # start and end means, the standard error of their difference, the gain in it
         before, after = drawn["start"][key], drawn["end"][key]  # one value per sample
@@ -1717,7 +1650,7 @@ def measure_policies(policy: Policy, vae, reward_fn, judge, labels, args: Config
     result.update(reward_start=total["start"], reward_end=total["end"], reward_se=total["se"],
                   reward_gain_in_se=total["gain_in_se"], reward_se_paired=total["se_paired"],
                   reward_gain_in_se_paired=total["gain_in_se_paired"], samples=n,
-                  components={c: change(c) for c in drawn["start"] if c != "reward"})  # each R_j alone, unweighted
+                  components={j: change(j) for j in drawn["start"] if j != "reward"})  # each R_j alone, unweighted
     if args.tiny:
         named = prompt_colours(args.prompt)
         if len(named) == 1:
@@ -1818,7 +1751,7 @@ def toy_colour_of(images_B3HW, within: float = 0.2):
 
 def prompt_colours(prompt: str) -> List[str]:
     """The toy colours a prompt names, as whole words: "a white shape" -> ["white"]."""
-    words = "".join(c if c.isalpha() else " " for c in prompt.lower()).split()
+    words = "".join(ch if ch.isalpha() else " " for ch in prompt.lower()).split()
     return [name for name in TOY_COLOURS if name in words]
 
 
@@ -1884,10 +1817,11 @@ class Run:
     def open(self):
         args, out = self.args, self.out
         with torchrun_processes(resolve_device(args.device)) as (self.ranks, self.device):
+            self.clock = PhaseClock(self.device)
             if self.ranks.main:
                 check_writable(out, "--out")
-            if needs_download(args):
-                check_writable(cache_dir(args), "--cache-dir" if args.cache_dir else "the weight cache ($VAR_GRPO_CACHE or ~/.cache/var_grpo)")
+            if not args.tiny and "aesthetic" in parse_reward_spec(args.reward) and not args.aesthetic_ckpt:
+                check_writable(cache_dir(args), "--cache-dir" if args.cache_dir else "the cache ($VAR_GRPO_CACHE or ~/.cache/var_grpo)")
             with run_lock(out) if self.ranks.main else nullcontext():
                 self.ck = open_checkpoint(args, out, self.device)
                 self.ranks.barrier()  # torchrun: every process has read --out before the first one writes into it
@@ -1907,14 +1841,11 @@ class Run:
         """The steps to run: from 0, or from the checkpoint's step with the model and the optimizer restored (no random
         state: every draw is keyed by its step) and metrics.jsonl cut back to the steps it holds."""
         args, ranks, var = self.args, self.ranks, policy.var
-        use_the_device(args, self.device, policy)  # appendix E: bf16 frozen weights, --compile, --cuda-graphs
-        if ranks.world > 1:
-            split_over_processes(policy, ranks)  # appendix H: each process does 1/N of every phase
-        self.clock, self.policy, self.opt, self.vae, self.reward_fn = watch(policy, reward_fn, self.device, args), policy, opt, vae, reward_fn
+        self.policy, self.opt, self.vae, self.reward_fn = policy, opt, vae, reward_fn
         self.eval_labels = spread_classes(pool, args.num_eval, args.seed).to(self.device)
-        start, self.records, var.base_sha256 = 0, [], base_fingerprint(args)  # (an attribute: not in the state_dict)
+        start, self.records, self.base_sha256 = 0, [], base_fingerprint(args)
         if self.ck is not None:
-            check_same_base(self.ck.get("base_sha256", var.base_sha256), var.base_sha256, args)
+            check_same_base(self.ck.get("base_sha256", self.base_sha256), self.base_sha256, args)
             var.load_state_dict(self.ck["model"], strict=args.lora_rank == 0)  # LoRA: the adapters; the base is on disk
             opt.load_state_dict(self.ck["optimizer"])
             start, self.records = self.ck["step"], self.ck["records"]
@@ -1941,10 +1872,10 @@ class Run:
         """Images at fixed (class, seed) pairs, the same at every evaluation (--eval-cfg, --eval-top-k, --eval-top-p),
         saved as the grid eval_step{step}.png; their mean reward."""
         args, seeds = self.args, image_seeds(len(self.eval_labels), self.args.seed, "eval")
-        s = sample_in_chunks(self.policy.var, self.vae, self.eval_labels, seeds, args.sample_batch,
+        drawn = sample_in_chunks(self.policy.var, self.vae, self.eval_labels, seeds, args.sample_batch,
                              args.cfg if args.eval_cfg < 0 else args.eval_cfg, args.temperature, args.eval_top_k, args.eval_top_p)
-        save_grid(s.image, self.out / f"eval_step{step:05d}.png")
-        return self.reward_fn(s.image)[0].mean().item()
+        save_grid(drawn.image, self.out / f"eval_step{step:05d}.png")
+        return self.reward_fn(drawn.image)[0].mean().item()
 
     def record(self, step: int, result: dict):
         """After a step: its record logged (metrics.jsonl and a line for a person), an evaluation grid and a checkpoint
@@ -1962,7 +1893,7 @@ class Run:
             log_step(self.records, self.out / "metrics.jsonl", args)
             if self.done % args.save_every == 0 or self.done == args.steps or self.stopping:
                 atomic_save(dict(model=trained_state_dict(self.policy.var, args), optimizer=self.opt.state_dict(),
-                                 step=self.done, config=vars(args), base_sha256=self.policy.var.base_sha256),
+                                 step=self.done, config=vars(args), base_sha256=self.base_sha256),
                             self.out / "checkpoint.pt")
 
     def finish(self, policy: Policy, vae: VQVAE, reward_fn: Reward, pool, heldout) -> dict:
@@ -1979,7 +1910,7 @@ class Run:
         elif self.records and args.summary_samples > 0:
             judge = load_judge(args, self.device, reward_fn)
             summary = compare_policies(policy, vae, reward_fn, judge, pool, heldout, args, self.device)
-        atomic_save(export_state_dict(policy.var, args), out / "var_final.pth")
+        atomic_save(export_state_dict(policy.var, args, self.base_sha256), out / "var_final.pth")
         if summary is not None:
             write_text(out / "summary.json", json.dumps(summary, indent=1, allow_nan=False) + "\n")
         try:
@@ -2029,12 +1960,12 @@ def trained_state_dict(var: VAR, args: Config) -> dict:
     return sd if args.lora_rank == 0 else {k: v for k, v in sd.items() if ".lora_" in k}
 
 
-def export_state_dict(var: VAR, args: Config) -> dict:
+def export_state_dict(var: VAR, args: Config, base_sha256: dict) -> dict:
     """var's weights as a plain state_dict with the official key names. LoRA: W + W_up W_down merged onto the fp32
     base weights read again from disk (a GPU held them in bf16), adapter keys dropped."""
     if args.lora_rank == 0:
         return var.state_dict()
-    check_same_base(getattr(var, "base_sha256", {}), base_fingerprint(args), args)
+    check_same_base(base_sha256, base_fingerprint(args), args)
     merged = load_models(args, torch.device("cpu"))[1].state_dict()
     for name, m in var.named_modules():
         if isinstance(m, LoRALinear):
@@ -2159,7 +2090,7 @@ def atomic_save(obj, path: Path):
 # What a resumed run may change: how long it runs, how often it saves and evaluates, and how it uses the machine.
 # Anything else would silently not apply (the optimizer keeps its learning rate) or change the experiment midway.
 RESUME_MAY_CHANGE = ("steps", "eval_every", "save_every", "summary_samples", "device", "micro_batch", "sample_batch",
-                     "grad_checkpointing", "compile", "cuda_graphs", "cache_dir")
+                     "grad_checkpointing", "compile", "cache_dir")
 # What a run writes into --out; a new run refuses an --out that holds any of them without a checkpoint to resume.
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "var_final.pth", "before_after.png", "reward_curve.png",
              "eval_step00000.png")
@@ -2170,7 +2101,7 @@ def out_dir(args: Config) -> Path:
     if args.out:
         return Path(args.out)
     name = f"tiny-{args.prompt}-{args.reward}" if args.tiny else f"{args.prompt}-d{args.depth}"
-    slug = "-".join(filter(None, "".join(c if c.isalnum() else "-" for c in name.lower()).split("-")))
+    slug = "-".join(filter(None, "".join(ch if ch.isalnum() else "-" for ch in name.lower()).split("-")))
     if len(slug) > 60:
         slug = slug[:60].rstrip("-") + "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
     return Path("runs") / slug
@@ -2178,16 +2109,25 @@ def out_dir(args: Config) -> Path:
 
 @contextmanager
 def run_lock(out: Path):
-    """One run per --out at a time: an exclusive lock on out/.lock (file_lock), which holds the running process's id."""
-    def in_use(f):
-        f.seek(0)
-        raise ValueError(f"{out} is in use by another run (process {f.read().strip() or 'unknown'}); wait for it "
-                         f"to finish or stop it, or choose another --out")
-    with file_lock(out / ".lock", in_use) as f:
-        if f is not None:
-            f.truncate(0)
-            f.write(str(os.getpid()))
-            f.flush()
+    """One run per --out at a time: an exclusive lock on out/.lock, which the operating system releases however the
+    process ends, holding the running process's id. Without locks (some network mounts, Windows): a warning."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    with open_no_symlink(out / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise ValueError(f"{out} is in use by another run (process {f.read().strip() or 'unknown'}); wait for it "
+                             f"to finish or stop it, or choose another --out") from None
+        except (OSError, AttributeError) as e:
+            print(f"warning: cannot lock {out / '.lock'} ({getattr(e, 'strerror', None) or 'no fcntl'}); make sure no "
+                  f"other run uses {out} at the same time", file=sys.stderr)
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
         yield
 
 
@@ -2318,24 +2258,15 @@ def failures_keep_checkpoints(out: Path, args: Config):
         yield
     except torch.cuda.OutOfMemoryError as e:
         raise torch.cuda.OutOfMemoryError(
-            f"{e}\nOut of GPU memory. {lower}, leave out --cuda-graphs (they hold the rollout's KV cache), or train "
-            f"LoRA adapters with --lora-rank 16 (README: memory per depth). {kept()}") from None
+            f"{e}\nOut of GPU memory. {lower}, or train LoRA adapters with --lora-rank 16 (README: memory per depth). "
+            f"{kept()}") from None
     except (MemoryError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and "is non-finite, so it cannot be clipped" in str(e):  # grpo_step's gradient
-            raise FloatingPointError(f"{non_finite_advice(None, args)}. {kept()}") from None
         if isinstance(e, RuntimeError) and "can't allocate memory" not in str(e) and "not enough memory" not in str(e):
             raise
         raise MemoryError(f"out of CPU memory ({str(e)[:200]}). {lower}, or use a machine with more memory. "
                           f"{kept()}") from None
     except FloatingPointError as e:
         raise FloatingPointError(f"{e}. {kept()}") from None
-
-
-def needs_download(args: Config) -> bool:
-    """Will this run fetch weights into the cache (some file not given locally)?"""
-    reward = parse_reward_spec(args.reward)
-    return not args.tiny and (not args.vae_ckpt or not args.var_ckpt or ("clip" in reward and not args.clip_ckpt)
-                             or ("aesthetic" in reward and not args.aesthetic_ckpt))
 
 
 def open_checkpoint(args: Config, out: Path, device: torch.device) -> Optional[dict]:
@@ -2370,8 +2301,8 @@ def open_checkpoint(args: Config, out: Path, device: torch.device) -> Optional[d
         raise ValueError(f"--resume: {path} cannot be read ({type(e).__name__}: {str(e)[:200]}): it is damaged, e.g. "
                          f"truncated by a copy. Restore it from a backup, or start the run again in another --out.") from None
     old = ck.get("config") if isinstance(ck, dict) else None  # not a dict: checkpoint_problems says so below
-    differs = [k for k in vars(args) if isinstance(old, dict) and k not in RESUME_MAY_CHANGE + ("out", "resume", "bench",
-               "bench_batch") and old.get(k, getattr(RunConfig, k)) != getattr(args, k)]
+    fixed = [k for k in vars(args) if k not in RESUME_MAY_CHANGE + ("out", "resume", "bench")]
+    differs = [k for k in fixed if isinstance(old, dict) and old.get(k, getattr(RunConfig, k)) != getattr(args, k)]
     if differs:
         raise ValueError(f"--resume: {path} was trained with different settings: " + ", ".join(
             f"--{k.replace('_', '-')} was {old.get(k, getattr(RunConfig, k))!r}, now {getattr(args, k)!r}" for k in differs)
@@ -2409,13 +2340,7 @@ def checkpoint_problems(ck, args: Config, device: torch.device) -> List[str]:
         model = build_var(TOY_ARCH if args.tiny else OFFICIAL_ARCH, TOY_DEPTH if args.tiny else args.depth)
         if args.lora_rank > 0:
             add_lora(model, args.lora_rank)
-    want_shapes = {k: tuple(v.shape) for k, v in trained_state_dict(model, args).items()}
-    got = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for k, v in ck["model"].items()}
-    missing, unexpected = sorted(set(want_shapes) - set(got)), sorted(set(got) - set(want_shapes))
-    wrong = [f"{k} {got[k]} instead of {want_shapes[k]}" for k in want_shapes if k in got and got[k] != want_shapes[k]]
-    for what, items in (("model keys missing", missing), ("unexpected model keys", unexpected), ("model entries", wrong)):
-        if items:
-            problems.append(f"{what}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}")
+    problems = [f"model {p}" for p in key_problems(trained_state_dict(model, args), ck["model"])]
     if ck["step"] < 0:
         problems.append(f"its step is {ck['step']}")
     return problems
@@ -2444,10 +2369,9 @@ def read_metrics(path: Path, before_step: int) -> List[dict]:
 
 # ----------------------------------------------------------------------------------------------------------
 # E. Speed and memory. LoRA adapters (--lora-rank: the trained weights, their optimizer state and their gradients
-# shrink to a few MB), rollouts in chunks (--sample-batch), frozen weights stored in bf16, and on a GPU: compiled
-# blocks for the teacher-forced passes (--compile, default), the sampler's per-scale passes replayed as CUDA graphs
-# (--cuda-graphs), activations recomputed in the backward pass (--grad-checkpointing). None changes the method;
-# use_the_device installs them into the policy when the run starts.
+# shrink to a few MB), rollouts in chunks (--sample-batch), frozen weights stored in bf16, and on a GPU: the
+# teacher-forced pass compiled (--compile, default) and activations recomputed in the backward pass
+# (--grad-checkpointing, a flag VAR.forward reads). None changes what the method computes.
 # ----------------------------------------------------------------------------------------------------------
 
 DECODE_BATCH = 8  # images per decoder pass in `sample`: its full-resolution activations dominate the sampler's memory
@@ -2519,20 +2443,18 @@ def frozen_linears_to_bf16(model: VAR):
 
 
 def use_the_device(args: RunConfig, device: torch.device, policy: Policy):
-    """Install the speed and memory settings into the policy's VAR and its frozen reference copy (if any)."""
+    """The speed and memory settings, for the policy's VAR and its frozen reference copy (if any). torch.compile of a
+    module compiles its forward, the teacher-forced pass; sampling calls other methods and stays eager (with a KV cache
+    its shapes change at every scale). The modules keep their parameters, so the state_dict keys stay the official ones."""
     var, ref = policy.var, policy.ref
     if device.type == "cuda" and args.lora_rank > 0:  # LoRA's frozen base
         frozen_linears_to_bf16(var)
     if device.type == "cuda" and ref is not None:
         frozen_linears_to_bf16(ref)
-    compiled = args.compile and device.type == "cuda" and can_compile()
-    if compiled or args.grad_checkpointing:  # the reference needs no backward pass, so no checkpointing
-        wrap_teacher_forced_blocks(var, compiled, args.grad_checkpointing)
-    if compiled and ref is not None:
-        wrap_teacher_forced_blocks(ref, compiled, False)
-    if args.cuda_graphs and device.type == "cuda":  # captured at the first rollout, for this process's batch
-        n_images = args.classes_per_step * args.group_size // world_size()
-        use_cuda_graphs(var, 2 * min(args.sample_batch or n_images, n_images))
+    var.grad_checkpointing = args.grad_checkpointing  # the reference needs no backward pass
+    if args.compile and device.type == "cuda" and can_compile():
+        for model in (var, ref) if ref is not None else (var,):
+            model.compile()
 
 
 def can_compile() -> bool:
@@ -2545,106 +2467,35 @@ def can_compile() -> bool:
     except ImportError:
         usable = False
     if not usable:
-        print(f"note: --compile needs triton and a recent torch (this is torch {torch.__version__}): the blocks run "
+        print(f"note: --compile needs triton and a recent torch (this is torch {torch.__version__}): the VAR runs "
               f"eagerly, as with --no-compile (the same method, slower)", file=sys.stderr)
         return False
     inductor_config.emulate_precision_casts = True
     return True
 
 
-def wrap_teacher_forced_blocks(var: VAR, compiled: bool, checkpointing: bool):
-    """Each block of var, in the teacher-forced passes (no KV cache): torch.compile'd (compiled at its first call) and/or
-    with its activations recomputed in the backward pass. Sampling keeps the eager blocks (with a KV cache its shapes
-    change at every scale). The blocks keep their parameters, so the state_dict keys stay the official ones."""
-    for block in var.blocks:
-        eager = type(block).forward.__get__(block)
-        fast = torch.compile(eager) if compiled else eager
-
-        def forward(x_BLC, cond_BC, attn_bias=None, kv_cache=None, eager=eager, fast=fast):
-            if kv_cache is not None:
-                return eager(x_BLC, cond_BC, attn_bias, kv_cache)
-            if checkpointing and torch.is_grad_enabled():
-                return torch.utils.checkpoint.checkpoint(fast, x_BLC, cond_BC, attn_bias, use_reentrant=False)
-            return fast(x_BLC, cond_BC, attn_bias)
-        block.forward = forward
-
-
-class ScaleGraphs:
-    """--cuda-graphs: each scale's pass through the blocks and the head, captured once as a CUDA graph for one
-    batch size and replayed at every rollout. Otherwise sampling is bound by kernel launches (10 scales x depth blocks
-    x ~30 small kernels: 32 images take about as long as 2). Inputs are copied into the graphs' fixed buffers; the
-    weights are read where they live, so optimizer steps (in place) are seen by the next replay."""
-    def __init__(self, scale_logits, var: VAR, B2: int, device: torch.device):
-        self.cond_2BC = torch.zeros(B2, var.C, device=device)
-        self.x_2BlC = [torch.zeros(B2, pn * pn, var.C, device=device) for pn in var.patch_nums]
-        self.kv_caches = [KVCache(var.L) for _ in var.blocks]  # held here: the graphs write into these buffers
-
-        def run(si):  # autocast's weight cache must be off under capture: every replay casts the current weights
-            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-                return scale_logits(self.x_2BlC[si], self.cond_2BC, self.kv_caches, si)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # one eager pass first, as CUDA graph capture requires
-            for si in range(len(var.patch_nums)):
-                run(si)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graphs, self.logits_2BlV, pool = [], [], torch.cuda.graph_pool_handle()
-        for si in range(len(var.patch_nums)):
-            self.graphs.append(torch.cuda.CUDAGraph())
-            with torch.cuda.graph(self.graphs[-1], pool=pool):
-                self.logits_2BlV.append(run(si))
-
-    def replay(self, si: int, x_2BlC, cond_2BC):
-        if si == 0:
-            self.cond_2BC.copy_(cond_2BC)
-        self.x_2BlC[si].copy_(x_2BlC)
-        self.graphs[si].replay()
-        return self.logits_2BlV[si]
-
-
-def use_cuda_graphs(var: VAR, B2: int):
-    """var.scale_logits replays CUDA graphs, captured at the first call, for batches of 2B = B2 sequences (the
-    rollout's only: each set holds its KV cache for good); other batches, and var with its LoRA adapters off (a graph
-    replays the weights it captured, adapters included), run eagerly."""
-    eager, captured = var.scale_logits, []
-
-    def scale_logits(x_2BlC, cond_2BC, kv_caches, si):
-        if x_2BlC.shape[0] != B2 or not all(m.adapters_on for m in var.modules() if isinstance(m, LoRALinear)):
-            return eager(x_2BlC, cond_2BC, kv_caches, si)
-        if not captured:
-            captured.append(ScaleGraphs(eager, var, B2, var.pos_1LC.device))
-        return captured[0].replay(si, x_2BlC, cond_2BC)
-    var.scale_logits = scale_logits
-
 # ----------------------------------------------------------------------------------------------------------
-# F. Benchmark (--bench): whole GRPO steps with random weights at any depth, as train() runs them (the same flags),
-# plus sampling and the teacher-forced pass alone. MFU counts the update's matmul FLOPs against a measured matmul.
+# F. Benchmark (--bench): whole GRPO steps with random weights at any depth, timed by the step's own record (the
+# PhaseClock's phases, as train() logs them, the same flags). MFU: the update's matmul FLOPs against a measured matmul.
 # ----------------------------------------------------------------------------------------------------------
-
-def timed(fn, device: torch.device, repeats: int):
-    """(seconds per call of fn after one warm-up call, fn's last result), waiting for the GPU; peak memory reset."""
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device); torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - t0) / repeats, out
-
 
 def matmul_tflops(device: torch.device) -> float:
     """Measured dense matmul throughput, bf16 on a GPU (fp32 on a CPU): the denominator of MFU."""
-    n = 8192 if device.type == "cuda" else 1024
+    n, repeats = (8192, 20) if device.type == "cuda" else (1024, 3)
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    return 2 * n ** 3 / timed(lambda: a @ a, device, 20 if device.type == "cuda" else 3)[0] / 1e12
+    clock = PhaseClock(device)
+    a @ a
+    clock.start()
+    for _ in range(repeats):
+        a @ a
+    clock("matmul")
+    return 2 * n ** 3 * repeats / clock.seconds["matmul"] / 1e12
 
 
 def update_flops(var: VAR, args: RunConfig, n_images: int) -> float:
     """Model FLOPs of a step's update phase: every teacher-forced pass's matmuls (2 per weight and token forward,
     4 more backward, or 2 more with LoRA's frozen weights), attention over all L x L pairs as the masked kernel
-    computes them; both CFG branches; the no-grad reference (and --old-logprobs recompute) passes."""
+    computes them; both CFG branches."""
     block_weights = sum(m.weight.numel() for b in var.blocks for m in (b.attn.mat_qkv, b.attn.proj, b.ffn.fc1, b.ffn.fc2))
     forward = 2 * var.L * (block_weights + var.C * var.V) + 4 * var.L ** 2 * var.C * var.depth  # one sequence
     passes = args.inner_epochs * (3 if args.lora_rank == 0 else 2)  # the no-grad passes belong to the rollout
@@ -2652,66 +2503,41 @@ def update_flops(var: VAR, args: RunConfig, n_images: int) -> float:
 
 
 def benchmark(args: RunConfig, repeats: int = 3) -> dict:
+    """`repeats` GRPO steps after one that warms up (and compiles): the mean of each phase's seconds and peak memory."""
     check_config(args)
     device = resolve_device(args.device)
-    arch = TOY_ARCH if args.tiny else OFFICIAL_ARCH
-    depth = TOY_DEPTH if args.tiny else args.depth
     torch.manual_seed(args.seed)
+    arch, depth = (TOY_ARCH, TOY_DEPTH) if args.tiny else (OFFICIAL_ARCH, args.depth)
     with torch.device(device):  # random weights, initialised where they run
         vae, var = build_vae(arch), build_var(arch, depth)
-    B = args.bench_batch
-    labels = torch.arange(B, device=device) % arch["num_classes"]
-    seeds = image_seeds(B, args.seed, "bench")
-    t_sample, s = timed(lambda: sample(var, vae, labels, seeds, cfg=1.5, top_k=900, top_p=0.96), device, repeats)
-    f_BMCv = vae.quantize.tokens_to_var_input(s.tokens)
-
-    def teacher_forced():
-        with torch.no_grad(), autocast(device):
-            return var(labels, f_BMCv)
-    t_tf, _ = timed(teacher_forced, device, repeats)
-    result = dict(depth=depth, device=str(device), batch=B, sample_images_per_s=B / t_sample, sample_s=t_sample,
-                  teacher_forced_tokens_per_s=B * var.L / t_tf, teacher_forced_s=t_tf,
-                  peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
-    print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
-
-    # whole GRPO steps, as train() runs them: random CLIP of --clip-model (no download) and aesthetic head
-    reward_fn = build_reward(args, device, random_weights=True)
-    policy = Policy(var, args)
+    reward_fn = build_reward(args, device, random_weights=True)  # the --clip-model architecture, untrained
+    policy = Policy(var, args, clock=PhaseClock(device))
     use_the_device(args, device, policy)
-    clock = watch(policy, reward_fn, device, args)
     opt = torch.optim.AdamW(policy.trained, lr=args.lora_lr if policy.lora else args.lr, fused=device.type == "cuda")
-    n_images = args.classes_per_step * args.group_size
     records = []
-    for i in range(1 + repeats):  # the first step warms up (and compiles, with --compile)
+    for i in range(1 + repeats):
         label_B = torch.randint(var.num_classes, (args.classes_per_step,), generator=generator(args.seed, "classes", i))
-        t0 = time.perf_counter()
-        label_B = label_B.repeat_interleave(args.group_size).to(device)
-        clock.start()
-        result_i = grpo_step(policy, vae, reward_fn, opt, label_B, args, i)
-        clock("update")
-        clock.stop()
-        rec = step_record(result_i, args, clock)
-        if i == 0:
-            result["first_step_s"] = time.perf_counter() - t0
-        else:
-            records.append(rec)
+        policy.clock.start()
+        result = grpo_step(policy, vae, reward_fn, opt, label_B.repeat_interleave(args.group_size).to(device), args, i)
+        policy.clock("update")
+        records.append(step_record(result, args, policy.clock))
+    first, records = records[0], records[1:]
     mean = lambda key: float(np.mean([r[key] for r in records]))
-    step_s = mean("time_rollout") + mean("time_reward") + mean("time_update")
-    flops = update_flops(var, args, n_images)
-    peak = matmul_tflops(device)
-    result.update(step_images=n_images, step_s=step_s, step_rollout_s=mean("time_rollout"), step_reward_s=mean("time_reward"),
-                  step_update_s=mean("time_update"), step_images_per_s=n_images / step_s,
-                  update_tflops=flops / mean("time_update") / 1e12, matmul_peak_tflops=peak,
-                  update_mfu=flops / mean("time_update") / 1e12 / peak,
-                  logprob_gap_max=max(r["logprob_gap_max"] for r in records), clip_frac_first=mean("clip_frac_first"),
-                  **{k: max(r[k] for r in records) if device.type == "cuda" else None
-                     for k in ("peak_gpu_mem_gb", "peak_gpu_mem_gb_rollout", "peak_gpu_mem_gb_reward", "peak_gpu_mem_gb_update")})
-    print(f"GRPO step, {n_images} images: {step_s:.3f} s (rollout {result['step_rollout_s']:.3f} + reward "
-          f"{result['step_reward_s']:.3f} + update {result['step_update_s']:.3f}), {result['step_images_per_s']:.1f} images/s, "
-          f"update {result['update_tflops']:.3g} TFLOP/s = MFU {result['update_mfu']:.1%} of a measured "
-          f"{peak:.3g} TFLOP/s matmul" + (f", peak memory {result['peak_gpu_mem_gb']:.1f} GB (rollout "
-          f"{result['peak_gpu_mem_gb_rollout']:.1f}, reward {result['peak_gpu_mem_gb_reward']:.1f}, update "
-          f"{result['peak_gpu_mem_gb_update']:.1f})" if device.type == "cuda" else "")
+    n_images, peak = args.classes_per_step * args.group_size, matmul_tflops(device)
+    phases = ("rollout", "reward", "update")
+    result = dict(depth=var.depth, device=str(device), step_images=n_images,
+                  first_step_s=sum(first[f"time_{phase}"] for phase in phases),
+                  step_s=sum(mean(f"time_{phase}") for phase in phases),
+                  **{f"step_{phase}_s": mean(f"time_{phase}") for phase in phases},
+                  logprob_gap_max=max(r["logprob_gap_max"] for r in records),
+                  **{k: max(r[k] for r in records) if device.type == "cuda" else None for k in first if k.startswith("peak_")})
+    tflops = update_flops(var, args, n_images) / result["step_update_s"] / 1e12
+    result.update(step_images_per_s=n_images / result["step_s"], update_tflops=tflops, matmul_peak_tflops=peak,
+                  update_mfu=tflops / peak)
+    print(f"GRPO step, {n_images} images: {result['step_s']:.3f} s (rollout {result['step_rollout_s']:.3f} + reward "
+          f"{result['step_reward_s']:.3f} + update {result['step_update_s']:.3f}), {result['step_images_per_s']:.1f} "
+          f"images/s, update {tflops:.3g} TFLOP/s = MFU {tflops / peak:.1%} of a measured {peak:.3g} TFLOP/s matmul"
+          + (f", peak memory {result['peak_gpu_mem_gb']:.1f} GB" if device.type == "cuda" else "")
           + f"; first step {result['first_step_s']:.1f} s")
     return result
 
@@ -2771,8 +2597,8 @@ class AttnBlock(nn.Module):
     """Single-head self-attention over the h*w positions of a feature map."""
     def __init__(self, channels: int, norm_groups: int):
         super().__init__()
-        c = channels
-        self.norm, self.qkv, self.proj_out = group_norm(c, norm_groups), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+        ch = channels
+        self.norm, self.qkv, self.proj_out = group_norm(ch, norm_groups), nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
 
     def forward(self, x):
         B, ch, h, w = x.shape
@@ -2864,16 +2690,15 @@ def run_level(stage: nn.Module, x):
 
 # ----------------------------------------------------------------------------------------------------------
 # H. More than one GPU: `torchrun --nproc_per_node N var_grpo.py ...` runs N copies of this file, one per GPU (gloo
-# processes on a CPU). split_over_processes wraps the policy's two phases: each process rolls out P/N whole groups
-# (samples, scores, log-probs) and the rollouts of all are gathered on every process (a few hundred KB); each takes
-# 1/N of every minibatch and the gradients are then averaged over the processes, as DDP averages them, so every update
-# is the one-process update on all P*G images. Every random draw is keyed by (seed, step, image), so the run is the
-# same for any N, up to the order of floating-point sums. Only process 0 evaluates, prints and writes files.
-# `python var_grpo.py` runs one process: Ranks() and nothing of this section.
+# processes on a CPU). The policy's two phases call a Ranks: each process rolls out P/N whole groups (samples, scores,
+# log-probs) and the rollouts of all are gathered on every process (a few hundred KB); each takes 1/N of every
+# minibatch and the gradients are then averaged over the processes, as DDP averages them, so every update is the
+# one-process update on all P*G images. Every random draw is keyed by (seed, step, image), so the run is the same for
+# any N, up to the order of floating-point sums. Only process 0 evaluates, prints and writes files. No weights are
+# broadcast: every process loads the same files and seeds LoRA's W_down alike. One process: Ranks(), which does nothing.
 # ----------------------------------------------------------------------------------------------------------
 
 DIST_TIMEOUT = timedelta(minutes=20)  # a process that hangs (rather than fails) ends the job after this long
-JOIN_TIMEOUT = 120.0  # seconds the processes may take to meet at the start
 
 
 class Ranks:
@@ -2925,35 +2750,20 @@ class Ranks:
 
     def average_gradients(self, params: List[torch.Tensor]):
         """Each gradient becomes the mean over the processes, as DDP computes it: divided by N, then summed."""
-        for p in params:
+        for p in params if self.world > 1 else []:
             if p.grad is not None:
                 dist.all_reduce(p.grad.mul_(1 / self.world))
-
-
-def split_over_processes(policy: Policy, ranks: Ranks):
-    """Install torchrun's split into the policy's two phases, changing nothing they compute: a rollout of P/N whole
-    groups on each process, gathered on every one; a minibatch's gradient accumulated by each process on its 1/N, the
-    mean over its part, then averaged over the processes (so, for equal parts, the mean over the minibatch). No weights
-    are broadcast: every process loads the same files and seeds LoRA's W_down alike, so all start equal."""
-    rollout, accumulate = policy.rollout, policy.accumulate_gradients
-
-    def rollout_of_my_groups(vae, reward_fn, label_B, seed_B, args):
-        mine = ranks.share(len(label_B))
-        return ranks.gather(rollout(vae, reward_fn, label_B[mine], seed_B[mine], args))
-
-    def accumulate_my_part(vae, roll, adv_B, idx_B, args):
-        stats = accumulate(vae, roll, adv_B, idx_B[ranks.share(len(idx_B))], args)
-        ranks.average_gradients(policy.trained)
-        return ranks.gather_stats(stats)
-    policy.rollout, policy.accumulate_gradients = rollout_of_my_groups, accumulate_my_part
 
 
 def world_size() -> int:
     """The number of processes torchrun started (WORLD_SIZE); 1 without torchrun."""
     value = os.environ.get("WORLD_SIZE", "1")
-    if not value.strip().isdigit() or int(value) < 1:
-        raise ValueError(f"the environment sets WORLD_SIZE={value!r}, which torchrun sets to the number of its processes "
-                         f"(a whole number >= 1): unset it to run one process, or start this script with torchrun")
+    missing = [v for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    by_hand = value.strip().isdigit() and int(value) > 1 and missing
+    if not value.strip().isdigit() or int(value) < 1 or by_hand:
+        raise ValueError(f"the environment sets WORLD_SIZE={value!r}" + (f" without {', '.join(missing)}" if by_hand
+                         else "") + ", as torchrun would not: unset WORLD_SIZE to run one process, or start this "
+                         "script with torchrun --nproc_per_node N")
     return int(value)
 
 
@@ -2970,8 +2780,7 @@ def torchrun_processes(device: torch.device):
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     if not dist.is_initialized():  # once per process (a script may call train() more than once), left at exit
-        with joining_the_others():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
         atexit.register(dist.destroy_process_group)
     ranks = Ranks(dist.get_rank(), dist.get_world_size(), device)
     stdout = sys.stdout
@@ -2992,32 +2801,6 @@ def torchrun_processes(device: torch.device):
             sys.stdout = stdout
 
 
-@contextmanager
-def joining_the_others():
-    """While the process group forms: after 10 s say what this process waits for, and after JOIN_TIMEOUT end it with a
-    message (nothing has been done yet). torchrun starts every process at once, so they meet within seconds; a
-    process left waiting was most likely started without torchrun in an environment that sets WORLD_SIZE."""
-    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
-    what = (f"process {os.environ.get('RANK', '?')} of WORLD_SIZE={world_size()} is waiting at {where} for the other "
-            f"processes of a torchrun job")
-
-    def give_up():
-        sys.stderr.write(f"error: {what} and gave up after {JOIN_TIMEOUT:g} s. Start it with torchrun --nproc_per_node N, "
-                         f"or unset WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT to run one process.\n")
-        sys.stderr.flush()
-        os._exit(1)  # the wait cannot be interrupted from here; nothing is lost, no work has started
-    timers = [threading.Timer(min(10.0, JOIN_TIMEOUT / 3), lambda: print(f"{what}; it gives up after {JOIN_TIMEOUT:g} s", file=sys.stderr)),
-              threading.Timer(JOIN_TIMEOUT, give_up)]
-    for timer in timers:
-        timer.daemon = True
-        timer.start()
-    try:
-        yield
-    finally:
-        for timer in timers:
-            timer.cancel()
-
-
 def peer_failed(e: BaseException) -> bool:
     """Did a collective fail because another process ended? (gloo: the connection closed; NCCL: a backend error)"""
     return isinstance(e, getattr(dist, "DistError", ())) or "closed by peer" in str(e) or "Connection reset" in str(e)
@@ -3026,7 +2809,7 @@ def peer_failed(e: BaseException) -> bool:
 def which_process() -> str:
     """" (process r of N)" under torchrun, for messages; "" in one process."""
     value = os.environ.get("WORLD_SIZE", "1").strip()
-    return f" (process {os.environ.get('RANK', '?')} of {value})" if value.isdigit() and int(value) > 1 else ""
+    return f" (process {os.environ['RANK']} of {value})" if value.isdigit() and int(value) > 1 and "RANK" in os.environ else ""
 
 
 if __name__ == "__main__":

@@ -152,15 +152,15 @@ def token_logprob_cases(token_logprobs):
     vae, var = toy_models()
     label_B = torch.tensor([0, 0, 5, 9])
     for cfg, temperature in [(2.5, 0.8), (0.0, 1.3), (1.5, 1.0)]:
-        s = vg.sample(var, vae, label_B, range(300, 304), cfg=cfg, temperature=temperature, return_logprobs=True)
+        drawn = vg.sample(var, vae, label_B, range(300, 304), cfg=cfg, temperature=temperature, return_logprobs=True)
         with torch.no_grad():
-            got = token_logprobs(var, vae, label_B, s.tokens, cfg, temperature)
-        if torch.as_tensor(got).shape != s.logp_BL.shape:
-            raise Wrong(f"it returned shape {tuple(torch.as_tensor(got).shape)}; want (B, L) = {tuple(s.logp_BL.shape)}: "
+            got = token_logprobs(var, vae, label_B, drawn.tokens, cfg, temperature)
+        if torch.as_tensor(got).shape != drawn.logp_BL.shape:
+            raise Wrong(f"it returned shape {tuple(torch.as_tensor(got).shape)}; want (B, L) = {tuple(drawn.logp_BL.shape)}: "
                         f"one log-probability per drawn token")
-        gap = (torch.as_tensor(got) - s.logp_BL).abs().max().item()
+        gap = (torch.as_tensor(got) - drawn.logp_BL).abs().max().item()
         if gap > 1e-4:
-            mistake = known_logprob_mistake(var, vae, label_B, s.tokens, cfg, temperature, got)
+            mistake = known_logprob_mistake(var, vae, label_B, drawn.tokens, cfg, temperature, got)
             raise Wrong(f"at cfg = {cfg}, temperature = {temperature}, the log-probs differ from the ones the sampler "
                         f"recorded for the same tokens by up to {gap:.3g} (want < 1e-4, so that rho = 1 before any "
                         f"update)." + (f" They match {mistake}." if mistake else ""))
@@ -298,8 +298,8 @@ def final_run(group_advantages, grpo_loss, token_logprobs, grpo_step, checks_pas
     finally:
         vg.group_advantages, vg.grpo_loss, vg.token_logprobs, vg.grpo_step = real.values()
         shutil.rmtree(out, ignore_errors=True)
-    s = result["summary"]
-    print(f"your run ({steps} steps): lime shapes {s['colours_start']['lime']:.1%} -> {s['colours_end']['lime']:.1%}, "
-          f"class accuracy {s['class_accuracy_start']:.1%} -> {s['class_accuracy_end']:.1%}, over {s['samples']} fresh "
-          f"samples; {said}")
-    return s
+    summary = result["summary"]
+    print(f"your run ({steps} steps): lime shapes {summary['colours_start']['lime']:.1%} -> "
+          f"{summary['colours_end']['lime']:.1%}, class accuracy {summary['class_accuracy_start']:.1%} -> "
+          f"{summary['class_accuracy_end']:.1%}, over {summary['samples']} fresh samples; {said}")
+    return summary

@@ -111,13 +111,13 @@ def main(argv=None):
     record = {}
     print("| setting | command | reward gain | lime shapes | red shapes | class accuracy | diversity | time |")
     print("|---|---|---|---|---|---|---|---|")
-    share = lambda s, colour: f"{s['colours_start'][colour]:.1%} -> {s['colours_end'][colour]:.1%}"
+    share = lambda summary, colour: f"{summary['colours_start'][colour]:.1%} -> {summary['colours_end'][colour]:.1%}"
     for name, r in results.items():
-        s = r["summary"]
-        record[name] = dict(command=r["command"], seconds=round(r["seconds"], 1), **s)
-        print(f"| {name} | `{r['command']}` | {s['reward_gain_in_se']:.1f} SE | {share(s, 'lime')} | {share(s, 'red')} | "
-              f"{s['class_accuracy_start']:.1%} -> {s['class_accuracy_end']:.1%} | {s['diversity_start']:.2f} -> "
-              f"{s['diversity_end']:.2f} | {r['seconds']:.0f} s |")
+        summary = r["summary"]
+        record[name] = dict(command=r["command"], seconds=round(r["seconds"], 1), **summary)
+        print(f"| {name} | `{r['command']}` | {summary['reward_gain_in_se']:.1f} SE | {share(summary, 'lime')} | "
+              f"{share(summary, 'red')} | {summary['class_accuracy_start']:.1%} -> {summary['class_accuracy_end']:.1%} | "
+              f"{summary['diversity_start']:.2f} -> {summary['diversity_end']:.2f} | {r['seconds']:.0f} s |")
     record["_about"] = dict(command="python notebooks/toy_figure1.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                             torch=torch.__version__, threads=torch.get_num_threads())
     (out / "figure1.json").write_text(json.dumps(record, indent=1) + "\n")
