@@ -38,7 +38,7 @@ FIXTURES = [Path(p) for p in os.environ.get("VAR_GRPO_FIXTURES", str(TESTDATA / 
 
 # Fixed caps, not a ratchet: a new feature displaces something. FILE_LINES is the length this cap was set at, not
 # yet the 2,600 that issue 33 asks for; it may only be lowered. README_LINES is issue 33's cap.
-METHOD_LINES, FILE_LINES, GRPO_LOSS_BY, GRPO_STEP_LINES, PLUMBING_LINES, README_LINES = 800, 2816, 600, 45, 10, 450
+METHOD_LINES, FILE_LINES, GRPO_LOSS_BY, GRPO_STEP_LINES, PLUMBING_LINES, README_LINES = 800, 2605, 600, 45, 10, 450
 METHOD_SECTIONS = ["Config", "Tokenizer", "Transformer", "Sampling", "Rewards", "GRPO", "The policy", "The training loop",
                    "main"]
 APPENDIX_SECTIONS = ["A.", "B.", "C.", "D.", "E.", "F.", "G.", "H."]
@@ -757,7 +757,7 @@ def test_shipped_toy_weights_load_strictly_and_are_small():
     assert (vg.TOY_DIR / "training.json").is_file() and sum(weights.values()) <= 12 * 2**20
     for model, name in [(vg.build_vae(vg.TOY_ARCH), "vae.pth"), (vg.build_var(vg.TOY_ARCH, vg.TOY_DEPTH), "var.pth"),
                         (vg.ShapeJudge(), "judge.pth"), (open_clip.create_model(vg.register_toy_clip()), "clip.pth"),
-                        (vg.AestheticHead(vg.TOY_CLIP_CONFIG["embed_dim"]), "aesthetic.pth")]:
+                        (vg.AestheticHead(64), "aesthetic.pth")]:
         model.load_state_dict(torch.load(vg.TOY_DIR / name, weights_only=True), strict=True)
 
 
@@ -1310,7 +1310,7 @@ def test_resume_messages_for_damaged_or_missing_state(tmp_path, capsys):
     assert f"the last line of {metrics} is incomplete" in capsys.readouterr().err
     lines = metrics.read_text().splitlines()
     metrics.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
-    with pytest.raises(ValueError, match=f"{re.escape(str(metrics))}, line 2, is not a JSON record"):
+    with pytest.raises(ValueError, match=f"{re.escape(str(metrics))}, line 2, is not a step's record"):
         vg.train(tiny_args(tmp_path / "a", steps=4, resume=True, **kw))
     ckpt = tmp_path / "a" / "checkpoint.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:1000])  # truncated
@@ -1830,15 +1830,6 @@ def test_toy_world_never_replaces_the_shipped_weights_unless_told_and_checks_out
     a_file.write_text("")
     with pytest.raises(SystemExit, match="--out .*cannot write there"):
         tw.main(["--quick", "--out", str(a_file / "toy")])  # before any training
-
-
-def test_the_toy_clip_config_is_written_into_a_private_directory():
-    """Not a fixed shared path another user could plant a symlink at: a directory of this process, readable by no one
-    else."""
-    vg.register_toy_clip()
-    private = Path(vg._clip_config_dir)
-    assert private.name.startswith("var_grpo_clip_") and private.name != "var_grpo_clip_configs"
-    assert (private.stat().st_mode & 0o077) == 0 and (private / f"{vg.TOY_CLIP}.json").is_file()
 
 
 # ------------------------------------------------------------------------------------------------

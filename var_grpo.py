@@ -817,6 +817,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import fields
 from datetime import timedelta
 from pathlib import Path
@@ -847,8 +848,7 @@ def cache_dir(args: Config) -> Path:
 
 
 def hub_file(repo: str, name: str, flag: str) -> Path:
-    """The file `name` of the Hub repository `repo`, from the Hugging Face cache or downloaded into it. A large (LFS)
-    file's blob is named by its sha256, so a corrupt blob is found, deleted and never loaded."""
+    """The file `name` of the Hub repository `repo`, from the Hugging Face cache or downloaded into it."""
     from huggingface_hub import hf_hub_download
     try:
         path = Path(hf_hub_download(repo, name))
@@ -859,14 +859,12 @@ def hub_file(repo: str, name: str, flag: str) -> Path:
     blob = path.resolve()
     if re.fullmatch(r"[0-9a-f]{64}", blob.name) and file_sha256(blob) != blob.name:
         blob.unlink()
-        raise WeightsError(f"{name} of {repo} in the Hugging Face cache was corrupt (its sha256 is not {blob.name}) "
-                           f"and was deleted: run again to download it afresh")
+        raise WeightsError(f"{name} of {repo} in the Hugging Face cache was corrupt and is deleted: run again")
     return path
 
 
 def aesthetic_file(args: Config) -> Path:
-    """The LAION head: in cache_dir, else downloaded to a file of this process's own, checked, then renamed into place
-    (two runs at once each write their own copy)."""
+    """The LAION head in cache_dir, else downloaded, checked, written to this process's own file and renamed into place."""
     dest = cache_dir(args) / "sac+logos+ava1-l14-linearMSE.pth"
     if dest.is_file():
         return dest
@@ -877,11 +875,9 @@ def aesthetic_file(args: Config) -> Path:
         response = requests.get(AESTHETIC_URL, timeout=60)
         response.raise_for_status()
     except requests.RequestException as e:
-        raise WeightsError(f"downloading {AESTHETIC_URL} failed ({first_line(e)}); save it as {dest} by hand, or "
-                           f"pass it with --aesthetic-ckpt") from None
+        raise WeightsError(f"downloading {AESTHETIC_URL} failed ({first_line(e)}); save it as {dest}, or pass --aesthetic-ckpt") from None
     if hashlib.sha256(response.content).hexdigest() != AESTHETIC_SHA256:
-        raise WeightsError(f"the file downloaded from {AESTHETIC_URL} is not the LAION head (sha256 {AESTHETIC_SHA256}); "
-                           f"nothing was kept: run again, or pass the file with --aesthetic-ckpt")
+        raise WeightsError(f"the file downloaded from {AESTHETIC_URL} is not the LAION head: nothing was kept, run again")
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(f"{dest.name}.{os.getpid()}.part")
     with open_no_symlink(part, "wb") as f:
@@ -893,22 +889,8 @@ def aesthetic_file(args: Config) -> Path:
 def local_file(path: str) -> Path:
     """A weight file the user gave (--*-ckpt), which must exist: no network needed."""
     if not Path(path).is_file():
-        raise WeightsError(f"{path} is {'a directory' if Path(path).is_dir() else 'not there'}; give the path of a "
-                           f"weight file")
+        raise WeightsError(f"{path} is {'a directory' if Path(path).is_dir() else 'not there'}; give the path of a weight file")
     return Path(path)
-
-
-def read_state_dict(path: Path) -> dict:
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(f"{path} is not a PyTorch checkpoint that torch.load(weights_only=True) can read "
-                           f"({first_line(e)}); nothing in it was run") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        held = list(sd)[:8] if isinstance(sd, dict) else type(sd).__name__
-        raise WeightsError(f"{path} is not a plain state_dict of tensors (it holds {held}); training checkpoints go to "
-                           f"--resume")
-    return sd
 
 
 def first_line(e: BaseException) -> str:
@@ -918,11 +900,17 @@ def first_line(e: BaseException) -> str:
 
 def load_weights(model: nn.Module, path: Path) -> nn.Module:
     """Load a state_dict with the official key names into a model built on the meta device (no init cost)."""
-    sd = read_state_dict(path)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"{path} is not a PyTorch checkpoint torch.load can read ({first_line(e)}); nothing in it was run") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        held = list(sd)[:8] if isinstance(sd, dict) else type(sd).__name__
+        raise WeightsError(f"{path} is not a plain state_dict of tensors (it holds {held}); checkpoints go to --resume")
     if isinstance(model, VAR) and "class_emb.weight" in sd and sd["class_emb.weight"].shape[1] != model.C:
         width = sd["class_emb.weight"].shape[1]
-        raise WeightsError(f"{path} looks like VAR-d{width // 64} (width {width}) but depth {model.depth} was asked "
-                           f"(width {model.C}). Pass --depth {width // 64} or the var_d{model.depth}.pth file.")
+        raise WeightsError(f"{path} looks like VAR-d{width // 64} (width {width}) but depth {model.depth} was asked: "
+                           f"pass --depth {width // 64}")
     problems = key_problems(model.state_dict(), sd)
     if problems:
         raise WeightsError(f"{path} does not fit the {type(model).__name__} that was built: {'; '.join(problems)}")
@@ -952,7 +940,7 @@ def build_vae(arch: dict) -> VQVAE:
 
 
 def load_models(args: Config, device: torch.device):
-    """(vae, var): the official weights for --depth, or the pretrained toy world's for --tiny."""
+    """(vae, var): the official weights for --depth, or the toy world's for --tiny."""
     files = base_weight_files(args)
     if args.tiny:
         with torch.device("meta"):
@@ -1011,8 +999,7 @@ TOY_SET = "toy_set.json"  # beside the toy weights (toy_world.py writes it last)
 
 
 def check_toy_set(paths: dict):
-    """The toy models are trained on one another, so they must be files of one toy_world.py run, as their folders'
-    toy_set.json lists them (a VAR a GRPO run exported is in no list, and not checked)."""
+    """The toy models are trained on one another: they must be files of one toy_world.py run (toy_set.json)."""
     sets = {}
     for name, path in paths.items():
         listed = json.loads((path.parent / TOY_SET).read_text()) if (path.parent / TOY_SET).is_file() else None
@@ -1054,44 +1041,29 @@ def clip_weights(args: Config) -> str:
     return args.clip_ckpt or str(hub_file(CLIP_REPO, CLIP_FILE, "--clip-ckpt"))
 
 
-# The toy world's CLIP: an open_clip model of this config (registered under TOY_CLIP), trained contrastively on toy
-# images and their captions ("a large white star on the left"), and read by the reward exactly as ViT-L/14 is.
-# 64-d embeddings: the toy aesthetic head is the LAION head's layers on 64 inputs instead of 768.
+# The toy world's CLIP: an open_clip model of the config shipped beside its weights (64-d embeddings, 32 px images),
+# trained contrastively on toy images and their captions ("a large white star on the left"), read as ViT-L/14 is.
 TOY_CLIP = "var-grpo-toy-clip"
-TOY_CLIP_CONFIG = {"embed_dim": 64, "quick_gelu": True,
-                   "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16},
-                   "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
-_clip_config_dir: Optional[str] = None
 
 
 def register_toy_clip() -> str:
-    """Tell open_clip about TOY_CLIP_CONFIG (a JSON file in a private temporary directory, made once per process);
-    returns its model name."""
-    global _clip_config_dir
-    import tempfile, open_clip
-    if _clip_config_dir is None:
-        _clip_config_dir = tempfile.mkdtemp(prefix="var_grpo_clip_")
-        atexit.register(shutil.rmtree, _clip_config_dir, ignore_errors=True)  # nothing left in the temp folder
-        (Path(_clip_config_dir) / f"{TOY_CLIP}.json").write_text(json.dumps(TOY_CLIP_CONFIG))
-        open_clip.add_model_config(_clip_config_dir)
+    """Tell open_clip about the toy CLIP's config, notebooks/toy/var-grpo-toy-clip.json; returns its model name."""
+    import open_clip
+    if TOY_CLIP not in open_clip.list_models():
+        open_clip.add_model_config(toy_path(f"{TOY_CLIP}.json"))
     return TOY_CLIP
 
 
 def load_clip_for(args: Config, device: torch.device, random_weights: bool = False):
-    """(CLIP model, its tokenizer) for the reward: the toy world's under --tiny, else --clip-model with the OpenAI
-    ViT-L/14 weights (or --clip-ckpt); random_weights: untrained (--bench). Warns if CLIP would cut the prompt."""
+    """(CLIP model, tokenizer): the toy world's, --clip-model's OpenAI weights or --clip-ckpt, or untrained."""
     import open_clip
     name = register_toy_clip() if args.tiny else args.clip_model
-    if random_weights:
-        pretrained = None
-    else:  # a file (or an open_clip tag): the toy world's, or the OpenAI ViT-L/14 from the cache
-        pretrained = toy_path("clip.pth", args.clip_ckpt) if args.tiny else clip_weights(args)
+    pretrained = None if random_weights else toy_path("clip.pth", args.clip_ckpt) if args.tiny else clip_weights(args)
     clip_model = load_clip(name, pretrained).to(device).eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(name)
     n_tokens = len(tokenizer.encode(args.prompt)) + 2  # + start and end of text
     if n_tokens > tokenizer.context_length:
-        print(f"warning: the prompt has {n_tokens} CLIP tokens; CLIP reads only the first {tokenizer.context_length}, "
-              f"the rest is cut", file=sys.stderr)
+        print(f"warning: the prompt has {n_tokens} CLIP tokens; CLIP reads the first {tokenizer.context_length}", file=sys.stderr)
     return clip_model, tokenizer
 
 
@@ -1107,8 +1079,7 @@ class AestheticHead(nn.Module):
 
 
 def load_aesthetic_for(args: Config, dim: int, device: torch.device, random_weights: bool = False) -> AestheticHead:
-    """The aesthetic head on dim-d CLIP embeddings: the toy world's (--tiny), the LAION head (768-d ViT-L/14 only), or
-    an untrained one (random_weights)."""
+    """The aesthetic head on dim-d embeddings: the toy world's, the LAION head (768-d ViT-L/14 only), or untrained."""
     if args.tiny:
         aesthetic = load_toy(AestheticHead(dim), "aesthetic.pth", args.aesthetic_ckpt)
     elif dim != 768:
@@ -1123,8 +1094,8 @@ def load_aesthetic_for(args: Config, dim: int, device: torch.device, random_weig
     return aesthetic.to(device).eval().requires_grad_(False)
 
 
-def own_reward(name: str):
-    """The function of `--reward module:function`, imported from the current directory or PYTHONPATH."""
+def own_reward(name: str, side: int):
+    """`--reward module:function` imported (current directory or PYTHONPATH) and tried on 2 random images."""
     module_name, _, function = name.partition(":")
     if os.getcwd() not in sys.path:  # `python var_grpo.py` puts the script's folder on the path, not the current one
         sys.path.insert(0, os.getcwd())
@@ -1133,8 +1104,7 @@ def own_reward(name: str):
         module = importlib.import_module(module_name)
     except Exception as e:
         raise ValueError(f"--reward {name}: the module {module_name!r} cannot be imported ({type(e).__name__}: "
-                         f"{first_line(e)}); it must be {module_name.replace('.', '/')}.py in the current directory "
-                         f"({os.getcwd()}) or on PYTHONPATH") from None
+                         f"{first_line(e)}); put it in the current directory ({os.getcwd()}) or on PYTHONPATH") from None
     reward_of = getattr(module, function, None)
     if not callable(reward_of):
         raise ValueError(f"--reward {name}: {getattr(module, '__file__', module_name)} has no function {function!r}")
@@ -1145,30 +1115,21 @@ def own_reward(name: str):
             raise ValueError(f"the reward {name} returned shape {tuple(out.shape)} for {len(images_B3HW)} images; it "
                              f"must return one number per image")
         return out
+    try:
+        finite = torch.isfinite(reward_B(torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(0)))).all()
+    except Exception as e:
+        raise ValueError(f"--reward {name}, tried on 2 random images (2, 3, {side}, {side}) in [0, 1]: {type(e).__name__}: "
+                         f"{first_line(e)}") from None
+    if not finite:
+        raise ValueError(f"--reward {name} returned values that are not finite for 2 random images (2, 3, {side}, "
+                         f"{side}) in [0, 1]; it must return one finite number per image")
     return reward_B
 
 
-def probe_own_rewards(own: dict, side: int):
-    """Call each reward of one's own on 2 random images of the run's size before any training: one finite number each."""
-    images_B3HW = torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(0))
-    for name, reward_B in own.items():
-        try:
-            finite = torch.isfinite(reward_B(images_B3HW)).all()
-        except Exception as e:
-            raise ValueError(f"--reward {name}, tried on 2 random images (2, 3, {side}, {side}) in [0, 1]: "
-                             f"{type(e).__name__}: {first_line(e)}") from None
-        if not finite:
-            raise ValueError(f"--reward {name} returned values that are not finite for 2 random images (2, 3, {side}, "
-                             f"{side}) in [0, 1]; it must return one finite number per image")
-
-
 def build_reward(args: Config, device: torch.device, random_weights: bool = False) -> Reward:
-    """The reward of --reward. CLIP and the aesthetic head are loaded in appendix A: the real weights, the toy world's
-    under --tiny, or (random_weights: --bench, no download) the --clip-model architecture, untrained. Rewards of one's
-    own are imported and tried on two images first."""
+    """The reward of --reward: CLIP and the aesthetic head (real, toy or untrained), rewards of one's own."""
     weights = parse_reward_spec(args.reward)
-    own = {name: own_reward(name) for name in weights if ":" in name}
-    probe_own_rewards(own, 32 if args.tiny else 256)
+    own = {name: own_reward(name, 32 if args.tiny else 256) for name in weights if ":" in name}
     clip_model = text_emb_D = aesthetic = None
     if "clip" in weights or "aesthetic" in weights:
         clip_model, tokenizer = load_clip_for(args, device, random_weights)
@@ -1180,8 +1141,7 @@ def build_reward(args: Config, device: torch.device, random_weights: bool = Fals
 
 
 def clip_preprocess(images_B3HW, size: int, mean, std):
-    """open_clip's image transform on a batch already on the device: bicubic resize of the short side to `size`,
-    centre crop, normalise. (The PIL pipeline would copy every image to the CPU and back.)"""
+    """open_clip's image transform on the device: bicubic resize of the short side to `size`, centre crop, normalise."""
     H, W = images_B3HW.shape[-2:]
     new_hw = (size, int(size * W / H)) if H <= W else (int(size * H / W), size)
     x = F.interpolate(images_B3HW.float(), size=new_hw, mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
@@ -1283,8 +1243,7 @@ def parse_reward_spec(spec: str) -> dict:
         name, eq, value = part.partition("=")
         name = name.strip()
         if name not in REWARD_NAMES and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", name):
-            raise ValueError(f"--reward: unknown component {name!r} in {spec!r}; choose from {', '.join(REWARD_NAMES)}, "
-                             f"or module:function for a reward of your own, e.g. --reward clip=1,aesthetic=0.05")
+            raise ValueError(f"--reward: unknown component {name!r}; choose from {', '.join(REWARD_NAMES)} or module:function")
         try:
             weight = float(value) if eq else float("nan")
         except ValueError:
@@ -1292,8 +1251,7 @@ def parse_reward_spec(spec: str) -> dict:
         if not math.isfinite(weight):
             raise ValueError(f"--reward: {part!r} needs a finite number after '=', e.g. {name}=1")
         if abs(weight) > MAX_REWARD_WEIGHT:  # float32 rewards: 1e39 is inf, and far smaller ones overflow in the sum
-            raise ValueError(f"--reward: {part!r}: a weight's size must be at most {MAX_REWARD_WEIGHT:g}; only the "
-                             f"weights' ratios matter once advantages are normalised, so scale them all down")
+            raise ValueError(f"--reward: {part!r}: a weight's size must be at most {MAX_REWARD_WEIGHT:g} (only ratios matter)")
         if name in weights:
             raise ValueError(f"--reward: {name!r} is given twice in {spec!r}")
         weights[name] = weight
@@ -1313,30 +1271,28 @@ def resolve_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {name!r}: this script runs on cpu or cuda only")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu (with --tiny: a CPU run), "
-                         f"or install a CUDA build of torch on a machine with an NVIDIA GPU")
+        raise ValueError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu, or a CUDA build of torch")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s), numbered from 0")
     return device
 
 
-def parse_classes(spec: str, num_classes: int) -> torch.Tensor:
-    """The class ids to train on: --classes, or all of them."""
+def parse_classes(spec: str, num_classes: int, flag: str = "--classes") -> torch.Tensor:
+    """The class ids of --classes (empty: all of them) or of --heldout-classes."""
     if not spec.strip():
         return torch.arange(num_classes)
     try:
         ids = [int(i) for i in spec.split(",") if i.strip()]
     except ValueError:
-        raise ValueError(f"--classes {spec!r} must be comma-separated integers, e.g. --classes 207,360,980") from None
+        raise ValueError(f"{flag} {spec!r} must be comma-separated integers, e.g. {flag} 207,360,980") from None
     bad = [i for i in ids if not 0 <= i < num_classes]
     if not ids or bad:
-        raise ValueError(f"--classes {spec!r}: class ids must lie in 0..{num_classes - 1} (got {bad or 'none'})")
+        raise ValueError(f"{flag} {spec!r}: class ids must lie in 0..{num_classes - 1} (got {bad or 'none'})")
     return torch.tensor(ids)
 
 
 def class_pools(args: Config, num_classes: int):
-    """(training classes, held-out classes): --classes without --heldout-classes. auto holds out a seeded tenth of the
-    pool when it has >= 100 classes (100 of ImageNet's 1000), none of a smaller one (the toy world's 10)."""
+    """(training, held-out classes); auto holds out a seeded tenth of a pool of >= 100 classes."""
     pool, spec = parse_classes(args.classes, num_classes), args.heldout_classes.strip().lower()
     if spec in ("none", "") or (spec == "auto" and len(pool) < 100):
         return pool, pool[:0]
@@ -1344,10 +1300,7 @@ def class_pools(args: Config, num_classes: int):
         order = torch.randperm(len(pool), generator=generator(args.seed, "heldout"))
         heldout = pool[order[:len(pool) // 10]].sort().values
     else:
-        try:
-            heldout = parse_classes(spec, num_classes)
-        except ValueError as e:
-            raise ValueError(str(e).replace("--classes", "--heldout-classes") + " (or auto, or none)") from None
+        heldout = parse_classes(spec, num_classes, "--heldout-classes")
     training = pool[~torch.isin(pool, heldout)]
     if len(training) == 0:
         raise ValueError(f"--heldout-classes {args.heldout_classes!r} holds out every class of the pool; leave some to train on")
@@ -1377,8 +1330,7 @@ def check_config(args: Config):
         for name in names.split():
             need(getattr(args, name) >= least, f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least {least}")
     for flag, value in (("--lr", args.lr), ("--lora-lr", args.lora_lr)):
-        need(0 < value <= 1, f"{flag} {value}: must be in (0, 1]; AdamW moves each weight by about lr a step, so above 1 "
-                             f"the first update wrecks the model (--lr 1e-5 for full fine-tuning, --lora-lr 1e-4 with LoRA)")
+        need(0 < value <= 1, f"{flag} {value}: must be in (0, 1], as AdamW moves each weight by about lr a step")
     if args.lora_rank > 0:  # a learning rate that the run would not use is a mistake, not a setting
         need(args.lr in (Config.lr, TINY_DEFAULTS["lr"]), f"--lr {args.lr} is full fine-tuning's: LoRA adapters train at "
                                                           f"--lora-lr (now {args.lora_lr}); set that instead")
@@ -1393,26 +1345,22 @@ def check_config(args: Config):
     need(args.seed >= 0, f"--seed {args.seed}: must be >= 0")
     n, P, N = args.classes_per_step * args.group_size, args.classes_per_step, world_size()  # N: torchrun's processes
     if N > 1:  # appendix H
-        need(P % N == 0, f"--classes-per-step {P}: torchrun started {N} processes, and each samples whole groups, so P "
-                         f"must be a multiple of {N} (e.g. --classes-per-step {N * max(1, round(P / N))}), or start "
-                         f"a number of processes that divides {P}")
+        need(P % N == 0, f"--classes-per-step {P}: torchrun started {N} processes, which sample whole groups, so it must "
+                         f"be a multiple of {N}")
         need(not args.bench, "--bench times one process: run it with python, not torchrun")
     if P >= 1 and args.minibatches >= 1 and args.micro_batch >= 1:
         mb = n // args.minibatches
         part = mb // N  # a minibatch's images per process; a micro-batch larger than the part is cut to it
         need(n % args.minibatches == 0 and mb % N == 0 and part % min(args.micro_batch, max(part, 1)) == 0,
-             f"P*G = {P}*{args.group_size} = {n} images must split into --minibatches {args.minibatches}"
-             + (f", each into {N} equal parts (one per torchrun process)," if N > 1 else "")
-             + f" of a whole number of --micro-batch {args.micro_batch} images; e.g. --minibatches 1 --micro-batch "
-             f"{math.gcd(n // N, args.micro_batch)}")
+             f"P*G = {P}*{args.group_size} = {n} images must split into --minibatches {args.minibatches}" + (f", each into "
+             f"{N} equal parts (one per process)," if N > 1 else "") + f" of whole --micro-batch {args.micro_batch}s")
     for flag, value, choices in (("--adv-norm", args.adv_norm, ("group", "batch", "none")),
                                  ("--old-logprobs", args.old_logprobs, ("sampler", "recompute")),
                                  ("--token-weight", args.token_weight, ("token", "scale"))):
         need(value in choices, f"{flag} {value!r}: choose one of {', '.join(choices)}")
     if args.tiny:
         need(args.depth == Config.depth, f"--tiny uses the toy world's VAR-d{TOY_DEPTH}; drop --depth")
-        need(args.clip_model == Config.clip_model, f"--clip-model {args.clip_model}: --tiny uses the toy world's CLIP "
-                                                  f"({TOY_CLIP}, notebooks/toy/clip.pth); drop --clip-model")
+        need(args.clip_model == Config.clip_model, f"--clip-model {args.clip_model}: --tiny uses the toy world's CLIP; drop --clip-model")
     elif not args.var_ckpt and not args.bench:  # the weights are downloaded: only the published depths exist
         need(args.depth in OFFICIAL_DEPTHS, f"--depth {args.depth}: official VAR weights exist for depth "
                                            f"{', '.join(map(str, OFFICIAL_DEPTHS))}; or pass your own with --var-ckpt")
@@ -1425,16 +1373,14 @@ def check_config(args: Config):
         except ValueError as e:
             problems.append(str(e))
     reward = attempt(parse_reward_spec, args.reward) or {}
-    for name in [name for name in reward if ":" in name]:  # a reward of one's own: importable before any download
-        attempt(own_reward, name)
+    for name in [name for name in reward if ":" in name]:  # a reward of one's own: it works, before any download
+        attempt(own_reward, name, 32 if args.tiny else 256)
     attempt(class_pools, args, (TOY_ARCH if args.tiny else OFFICIAL_ARCH)["num_classes"])
     attempt(resolve_device, args.device)
-    need("clip" not in reward or bool(args.prompt.strip()), "--prompt is empty but the clip reward needs a text to "
-                                                            "compare the images with")
+    need("clip" not in reward or bool(args.prompt.strip()), "--prompt is empty but the clip reward needs a text")
     need(args.tiny or args.bench or not {"clip", "aesthetic"} & set(reward) or args.clip_model == Config.clip_model
          or bool(args.clip_ckpt),
-         f"--clip-model {args.clip_model} needs --clip-ckpt: a local weight file or an open_clip pretrained tag "
-         f"(python -c 'import open_clip; print(open_clip.list_pretrained())')")
+         f"--clip-model {args.clip_model} needs --clip-ckpt: a local weight file or an open_clip pretrained tag")
     if problems:
         raise ValueError("bad configuration:\n  " + "\n  ".join(problems))
 
@@ -1449,8 +1395,7 @@ def check_writable(path: Path, what: str):
         open_no_symlink(probe, "w").close()
         probe.unlink()
     except OSError as e:
-        raise ValueError(f"{what} {path}: cannot create or write files there ({e.strerror or e}); "
-                         f"choose a directory you can write to") from None
+        raise ValueError(f"{what} {path}: cannot create or write files there ({e.strerror or e})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1460,9 +1405,7 @@ def check_writable(path: Path, what: str):
 # ----------------------------------------------------------------------------------------------------------
 
 class PhaseClock:
-    """The seconds and the peak GPU memory of a step's phases. start() begins a step; clock(phase) marks where a phase
-    ends, after waiting for the GPU, and adds the time since the last mark to that phase (a phase may come in pieces);
-    stop() ends the step. A clock not started (or stopped) ignores its marks."""
+    """The seconds and peak GPU memory of a step's phases: clock(phase) adds the time since the last mark to it."""
     def __init__(self, device: torch.device = torch.device("cpu")):
         self.device, self.last, self.seconds, self.peak_gb = device, None, {}, {}
 
@@ -1487,15 +1430,13 @@ class PhaseClock:
 
 
 def check_finite(stats: dict, args: Config):
-    """Raise a FloatingPointError that says which setting to change if a loss term or the gradient norm in stats (a
-    micro-batch's grpo_loss statistics, or {"grad_norm": ...}) is not finite: before the update reaches the weights."""
+    """A FloatingPointError, before the update reaches the weights, if a loss term or grad_norm is not finite."""
     if not all(math.isfinite(stats[k]) for k in ("policy_loss", "kl_loss", "grad_norm") if k in stats):
         raise FloatingPointError(non_finite_advice(stats, args))
 
 
 def step_record(result: dict, args: Config, clock: PhaseClock) -> dict:
-    """The step's log record from what grpo_step returned, one metric a line (README: what each one tells). The first
-    minibatch comes before any update of the step: its ratio is 1 and its |log rho| the sampler-vs-trainer gap."""
+    """The step's log record (README: what each metric tells); the first minibatch's |log rho| is the sampler gap."""
     roll, adv_B, mb_stats = result["rollout"], result["adv_B"], result["stats"]
     every, first = [st for stats in mb_stats for st in stats], mb_stats[0]
     later = [st for stats in mb_stats[1:] for st in stats]
@@ -1509,41 +1450,29 @@ def step_record(result: dict, args: Config, clock: PhaseClock) -> dict:
         adv_max=adv_B.max().item(),
         adv_min=adv_B.min().item(),
         zero_adv_groups=(adv_B.view(-1, args.group_size) == 0).all(1).float().mean().item(),
-        policy_loss=mean("policy_loss"),
-        kl_loss=mean("kl_loss"),
-        kl_ref=mean("kl_ref"),
-        kl_old=mean("kl_old"),
-        ratio_mean=mean("ratio_mean"),
-        clip_frac=mean("clip_frac"),
-        ratio_first=mean("ratio_mean", first),
-        clip_frac_first=mean("clip_frac", first),
-        ratio_later=mean("ratio_mean", later),
-        clip_frac_later=mean("clip_frac", later),
+        **{k: mean(k) for k in ("policy_loss", "kl_loss", "kl_ref", "kl_old", "ratio_mean", "clip_frac", "entropy")},
+        **{f"{name}_{part}": mean(key, stats) for part, stats in (("first", first), ("later", later))
+           for name, key in (("ratio", "ratio_mean"), ("clip_frac", "clip_frac"))},
         logprob_gap_max=max(st["log_ratio_max"] for st in first),
         logprob_gap_mean=mean("log_ratio_mean", first),
-        entropy=mean("entropy"),
         grad_norm=float(np.mean(result["grad_norms"])),
         diversity=group_diversity(roll.features_BD, args.group_size),
-        time_rollout=seconds.get("rollout", 0.0),
-        time_reward=seconds.get("reward", 0.0),
-        time_update=seconds.get("update", 0.0),
+        **{f"time_{phase}": seconds.get(phase, 0.0) for phase in ("rollout", "reward", "update")},
         images_per_s=len(roll.reward_B) / sum(seconds.values()),
         peak_gpu_mem_gb=max(peak_gb.values()) if peak_gb else None,
         **{f"peak_gpu_mem_gb_{phase}": peak_gb.get(phase) for phase in ("rollout", "reward", "update")})
 
 
 def non_finite_advice(stats: dict, args: Config) -> str:
-    """Why an update's loss or gradient is not finite, and which setting to change, judged from a micro-batch's loss
-    terms (or, when only the gradient norm is given, from its being the gradient)."""
+    """Why an update's loss terms (or, given only grad_norm, its gradient) are not finite, and what to change."""
     gradient = "grad_norm" in stats
     gap = stats.get("log_ratio_max", 0.0)  # |log rho|: ~1e-5 before an update, < 1 after a sane one
     if args.cfg > 3 and not gap < 20:
-        cause = (f"log rho = log pi_theta - log pi_old reached {gap:.3g} nats, so the ratio overflowed: the teacher-"
-                 f"forced pass and the sampler disagree about the drawn tokens, since guidance multiplies the logits' "
-                 f"rounding errors by up to 1 + cfg = {1 + args.cfg:g}. Lower --cfg (now {args.cfg}; 1.5 to 3 is usual)")
+        cause = (f"log rho reached {gap:.3g} nats and the ratio overflowed, as guidance multiplies the logits' rounding "
+                 f"errors by up to 1 + cfg = {1 + args.cfg:g}: lower --cfg (now {args.cfg}; 1.5 to 3 is usual)")
     elif not gradient and not math.isfinite(stats["kl_loss"]):
-        cause = (f"the KL term (beta {args.beta} x k3 KL, whose exp(log pi_ref - log pi_theta) overflowed) is not finite: "
-                 f"the policy has moved too far from pi_ref. Lower --lr (now {args.lr}); a larger --beta would not help")
+        cause = (f"the k3 KL term overflowed: the policy moved too far from pi_ref. Lower --lr (now {args.lr}); a "
+                 f"larger --beta would not help")
     elif not gradient:
         cause = (f"the clipped surrogate is not finite (a non-finite advantage or log-probability): lower --lr (now "
                  f"{args.lr}), and check the reward")
@@ -1554,8 +1483,7 @@ def non_finite_advice(stats: dict, args: Config) -> str:
 
 
 def group_diversity(features_BD, group_size: int) -> float:
-    """Mean pairwise cosine distance 1 - cos(emb_i, emb_j) between the images of each group, averaged over groups.
-    Near 0 means a group's images all look alike: the policy has collapsed onto one reward-hacking image."""
+    """Mean pairwise cosine distance 1 - cos(emb_i, emb_j) within each group; near 0: collapse onto one image."""
     emb_PGD = F.normalize(features_BD.float(), dim=-1).view(-1, group_size, features_BD.shape[-1])
     sim_PGG = emb_PGD @ emb_PGD.transpose(1, 2)
     off_diagonal = sim_PGG.sum((1, 2)) - sim_PGG.diagonal(dim1=1, dim2=2).sum(1)
@@ -1563,8 +1491,7 @@ def group_diversity(features_BD, group_size: int) -> float:
 
 
 def filter_top_k_top_p(logits_BlV, top_k: int = 0, top_p: float = 0.0):
-    """Set to -inf every logit outside the top-k, and outside the smallest set holding top_p of the probability.
-    Same rule as the official sample_with_top_k_top_p_, not in place."""
+    """Every logit outside the top-k and the top-p nucleus set to -inf (official sample_with_top_k_top_p_)."""
     if 0 < top_k < logits_BlV.shape[-1]:  # top-k >= V keeps every token
         cutoff_Bl1 = logits_BlV.topk(top_k, dim=-1, sorted=False)[0].amin(dim=-1, keepdim=True)
         logits_BlV = logits_BlV.masked_fill(logits_BlV < cutoff_Bl1, -torch.inf)
@@ -1578,8 +1505,7 @@ def filter_top_k_top_p(logits_BlV, top_k: int = 0, top_p: float = 0.0):
 
 @torch.no_grad()
 def compare_policies(policy: Policy, vae, reward_fn, judge, pool, heldout, args: Config, device) -> dict:
-    """Did the policy change, or did the training batches get lucky? measure_policies on fresh samples of the starting
-    and the final policy, for the training classes and, apart, the held-out ones (summary.json, strict JSON)."""
+    """Did the policy change, or did the batches get lucky? measure_policies on training and held-out classes."""
     result = measure_policies(policy, vae, reward_fn, judge, spread_classes(pool, args.summary_samples, args.seed),
                               args, device, "training classes")
     if len(heldout):
@@ -1594,8 +1520,7 @@ def compare_policies(policy: Policy, vae, reward_fn, judge, pool, heldout, args:
 
 @contextmanager
 def starting_policy(policy: Policy, args: Config, device: torch.device):
-    """The VAR training started from: pi_ref, or where none is kept (--beta 0, full fine-tuning) the starting weights
-    read again from disk."""
+    """The VAR training started from: pi_ref, or where none is kept (--beta 0, full fine-tuning) reread from disk."""
     if policy.ref is None and not policy.lora:
         yield load_models(args, device)[1]
     else:
@@ -1604,10 +1529,8 @@ def starting_policy(policy: Policy, args: Config, device: torch.device):
 
 
 def measure_policies(policy: Policy, vae, reward_fn, judge, labels, args: Config, device, what: str) -> dict:
-    """Fresh samples of both policies, same classes and seeds, drawn as in training (guidance, temperature, no top-k):
-    the mean reward with the standard error of the change (unpaired, and paired by class and seed), each component
-    alone, diversity (mean pairwise distance of the reward features within a class), the judge's class accuracy; in
-    the toy world the share of each colour, measured from pixels. Every number finite or null; printed as `what`."""
+    """Fresh samples of both policies, same classes and seeds, drawn as in training: mean reward and the standard error
+    of its change (unpaired and paired), each component, diversity, class accuracy, the toy world's colour shares."""
     n = len(labels)  # in chunks a rollout proved to fit on one process (P*G/N images under torchrun)
     chunk = args.sample_batch or args.classes_per_step * args.group_size // world_size()
     labels, seeds = labels.to(device), image_seeds(len(labels), args.seed, "summary")
@@ -1646,10 +1569,7 @@ def measure_policies(policy: Policy, vae, reward_fn, judge, labels, args: Config
         se_paired = math.sqrt(variance(after - before) / n)  # sample i of both policies: the same class and seed
         return dict(start=before.mean().item(), end=after.mean().item(), se=se, gain_in_se=gain / se if se > 0 else None,
                     se_paired=se_paired, gain_in_se_paired=gain / se_paired if se_paired > 0 else None)
-    total = change("reward")
-    result.update(reward_start=total["start"], reward_end=total["end"], reward_se=total["se"],
-                  reward_gain_in_se=total["gain_in_se"], reward_se_paired=total["se_paired"],
-                  reward_gain_in_se_paired=total["gain_in_se_paired"], samples=n,
+    result.update({f"reward_{k}": v for k, v in change("reward").items()}, samples=n,
                   components={j: change(j) for j in drawn["start"] if j != "reward"})  # each R_j alone, unweighted
     if args.tiny:
         named = prompt_colours(args.prompt)
@@ -1657,10 +1577,9 @@ def measure_policies(policy: Policy, vae, reward_fn, judge, labels, args: Config
             result.update(attribute=named[0], attribute_share_start=result["colours_start"][named[0]],
                           attribute_share_end=result["colours_end"][named[0]])
         else:
-            result["attribute_note"] = (f"the prompt {args.prompt!r} names " + (f"{len(named)} toy colours ({', '.join(named)})"
-                                        if named else "no toy colour") + "; the share of one colour is measured when it "
-                                        "names exactly one (colours_start / colours_end hold every colour's share)")
-    result = finite_or_none(result)
+            result["attribute_note"] = ("the prompt names " + (f"{len(named)} toy colours ({', '.join(named)})" if named else
+                                        "no toy colour") + ", not one: colours_start / colours_end hold every share")
+    result = json.loads(json.dumps(result), parse_constant=lambda nan_or_inf: None)  # every number finite, or null
     num = lambda key, spec: "n/a" if result.get(key) is None else format(result[key], spec)
     line = (f"{n} fresh samples of {what}, starting vs final policy: reward {num('reward_start', '.4f')} -> "
             f"{num('reward_end', '.4f')} (+- {num('reward_se', '.4f')}, a change of {num('reward_gain_in_se', '.1f')} "
@@ -1673,32 +1592,20 @@ def measure_policies(policy: Policy, vae, reward_fn, judge, labels, args: Config
     return result
 
 
-def finite_or_none(x):
-    """x with every float that is not finite (NaN from one sample's variance, say) replaced by None (JSON null)."""
-    if isinstance(x, dict):
-        return {k: finite_or_none(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [finite_or_none(v) for v in x]
-    return None if isinstance(x, float) and not math.isfinite(x) else x
-
-
 def spread_classes(pool, n: int, seed: int):
-    """n class labels over the pool: every class equally often, in pool order, when n >= len(pool); else a seeded
-    random n of them (not the first n: ImageNet's first 256 ids are fish, birds and reptiles)."""
+    """n labels over the pool: each class equally often when n >= len(pool), else a seeded random n of them."""
     if n >= len(pool):
         return pool[torch.arange(n) % len(pool)]
     return pool[torch.randperm(len(pool), generator=generator(seed, "spread"))[:n]]
 
 
 class ClipClassJudge(nn.Module):
-    """Class fidelity at full size, without new weights: CLIP zero-shot classification over the 1000 ImageNet class
-    names open_clip ships, each embedded through its 7 simple templates ("itap of a {}.", ...) and averaged. Caveat:
-    the judge is the reward's own CLIP, so a policy that learned to please it could please it about the class too."""
+    """Class fidelity at full size: CLIP zero-shot over open_clip's ImageNet names and templates (the reward's CLIP)."""
     description = ("CLIP zero-shot over open_clip's 1000 ImageNet class names and its 7 simple templates; the reward's "
                    "own CLIP, so not independent of what was optimised")
 
     def __init__(self, clip_model, tokenizer, class_names, templates, device: torch.device, cache: Optional[Path] = None):
-        """cache: a file that keeps the class embeddings of these CLIP weights (7,000 texts: minutes on a CPU)."""
+        """cache: a file keeping these CLIP weights' class embeddings (7,000 texts: minutes on a CPU)."""
         super().__init__()
         self.clip = clip_model
         if cache is not None and cache.is_file():
@@ -1742,8 +1649,7 @@ def shape_colour(images_B3HW):
 
 
 def toy_colour_of(images_B3HW, within: float = 0.2):
-    """Each toy shape's colour from pixels, apart from any reward model: the index in TOY_COLOURS nearest its shape_colour,
-    or len(TOY_COLOURS) ("none") beyond `within` (RGB distance; drawn shapes 99.7% right, VQ-VAE's 94%). (B,)"""
+    """Each toy shape's colour from pixels: the nearest TOY_COLOURS index, or 'none' beyond `within`. (B,)"""
     colour_B3 = shape_colour(images_B3HW)
     distance = torch.cdist(colour_B3, torch.tensor(list(TOY_COLOURS.values()), device=images_B3HW.device))  # (B, colours)
     return torch.where(distance.min(1).values <= within, distance.argmin(1), len(TOY_COLOURS))
@@ -1756,8 +1662,7 @@ def prompt_colours(prompt: str) -> List[str]:
 
 
 class ShapeJudge(nn.Module):
-    """The toy world's judge: a small CNN that names the shape (its class) from the silhouette alone, so that colour
-    cannot fool it. Trained on drawn images in notebooks/toy_world.py; reports class accuracy, never a reward."""
+    """The toy world's judge: a CNN that names the shape from its silhouette alone, so colour cannot fool it."""
     def __init__(self, num_classes: int = 10):
         super().__init__()
         self.net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),    # 32 -> 16 px
@@ -1771,8 +1676,7 @@ class ShapeJudge(nn.Module):
 
 
 def load_judge(args: Config, device: torch.device, reward_fn: Optional[Reward] = None) -> Optional[nn.Module]:
-    """What names the class of a sample, apart from the reward: the toy world's ShapeJudge (--tiny), or at full size
-    CLIP zero-shot (ClipClassJudge, when the reward runs CLIP); None otherwise."""
+    """What names a sample's class: the toy ShapeJudge (--tiny), ClipClassJudge (if the reward runs CLIP), or None."""
     if args.tiny:
         with torch.device("meta"):
             judge = ShapeJudge(TOY_ARCH["num_classes"])
@@ -1797,11 +1701,8 @@ def load_judge(args: Config, device: torch.device, reward_fn: Optional[Reward] =
 # ----------------------------------------------------------------------------------------------------------
 
 class Run:
-    """A run of train(), around its loop. `with Run(args) as run` checks every setting and path before any work, joins
-    torchrun's processes (appendix H), takes --out for this run alone and reads the checkpoint to resume; a failure
-    inside becomes advice that says what to change and what is kept. Then run.steps yields the steps (a signal ends
-    them early), run.record logs, evaluates and saves each, run.finish writes the final outputs. Under torchrun every
-    process trains; only the first (ranks.main) prints, evaluates and writes."""
+    """A run of train(), around its loop: `with Run(args)` checks every setting and path first, joins torchrun's
+    processes (appendix H), locks --out, opens the checkpoint; steps, record and finish do the rest (rank 0 writes)."""
     def __init__(self, args: RunConfig):
         check_config(args)
         self.args, self.out, self.loop, self.stop, self.stopping = args, out_dir(args), None, [], False
@@ -1826,20 +1727,19 @@ class Run:
                 self.ck = open_checkpoint(args, out, self.device)
                 self.ranks.barrier()  # torchrun: every process has read --out before the first one writes into it
                 if args.tiny:
-                    print(f"--tiny: the toy world on {args.device}: VAR-d{TOY_DEPTH} pretrained on 32 px shapes of 8 colours "
-                          f"(notebooks/toy_world.py), fine-tuned for --reward {args.reward} with --prompt {args.prompt!r} "
-                          f"(the toy CLIP knows {len(TOY_COLOURS)} colours: {', '.join(TOY_COLOURS)})"
-                          + (f", {self.ranks.world} processes." if self.ranks.world > 1 else "."))
+                    world = f", {self.ranks.world} processes" if self.ranks.world > 1 else ""
+                    print(f"--tiny: the toy world on {args.device}{world}: VAR-d{TOY_DEPTH} pretrained on 32 px shapes of "
+                          f"8 colours; the toy CLIP knows {', '.join(TOY_COLOURS)}")
                 try:
-                    with output_that_may_go(), failures_keep_checkpoints(out, args):
-                        yield self
+                    with redirect_stdout(SilentWhenGone(sys.stdout)), redirect_stderr(SilentWhenGone(sys.stderr)):
+                        with failures_keep_checkpoints(out, args):  # out of memory, a non-finite update: what to do
+                            yield self
                 finally:
                     if self.loop is not None:
                         self.loop.close()  # puts the signal handlers back now, not whenever the loop is collected
 
     def steps(self, policy: Policy, vae: VQVAE, reward_fn: Reward, opt, pool):
-        """The steps to run: from 0, or from the checkpoint's step with the model and the optimizer restored (no random
-        state: every draw is keyed by its step) and metrics.jsonl cut back to the steps it holds."""
+        """The steps to run: from 0, or from the checkpoint's step with model, optimizer and metrics restored."""
         args, ranks, var = self.args, self.ranks, policy.var
         self.policy, self.opt, self.vae, self.reward_fn = policy, opt, vae, reward_fn
         self.eval_labels = spread_classes(pool, args.num_eval, args.seed).to(self.device)
@@ -1869,8 +1769,7 @@ class Run:
                     return
 
     def evaluate(self, step: int) -> float:
-        """Images at fixed (class, seed) pairs, the same at every evaluation (--eval-cfg, --eval-top-k, --eval-top-p),
-        saved as the grid eval_step{step}.png; their mean reward."""
+        """Images at fixed (class, seed) pairs saved as the grid eval_step{step}.png; their mean reward."""
         args, seeds = self.args, image_seeds(len(self.eval_labels), self.args.seed, "eval")
         drawn = sample_in_chunks(self.policy.var, self.vae, self.eval_labels, seeds, args.sample_batch,
                              args.cfg if args.eval_cfg < 0 else args.eval_cfg, args.temperature, args.eval_top_k, args.eval_top_p)
@@ -1878,8 +1777,7 @@ class Run:
         return self.reward_fn(drawn.image)[0].mean().item()
 
     def record(self, step: int, result: dict):
-        """After a step: its record logged (metrics.jsonl and a line for a person), an evaluation grid and a checkpoint
-        when --eval-every and --save-every say, and a checkpoint when a signal asks the run to stop."""
+        """After a step: its record logged, a grid and a checkpoint when --eval-every, --save-every or a signal say."""
         args, ranks = self.args, self.ranks
         self.clock("update")
         self.clock.stop()
@@ -1897,31 +1795,28 @@ class Run:
                             self.out / "checkpoint.pt")
 
     def finish(self, policy: Policy, vae: VQVAE, reward_fn: Reward, pool, heldout) -> dict:
-        """The end of the run, on the first process: summary.json (unless stopped early), var_final.pth (official key
-        names, LoRA merged), then the pictures, which may fail without taking the rest with them."""
+        """On the first process: summary.json (unless stopped), var_final.pth (LoRA merged), the pictures."""
         args, out, summary = self.args, self.out, None
         stopped = (self.stop[0] if self.stop else "a signal to another process") if self.stopping else None
         if not self.ranks.main:
             self.ranks.barrier()  # until process 0 has written the run's files: a next run may read them
             return dict(out=out, records=[], var=policy.var, summary=None, stopped=stopped)
         if stopped:
-            print(f"stopped by {stopped} after step {self.done}, checkpoint saved: continue with the same command and "
-                  f"--resume")
+            print(f"stopped by {stopped} after step {self.done}, checkpoint saved: continue with the same command and --resume")
         elif self.records and args.summary_samples > 0:
             judge = load_judge(args, self.device, reward_fn)
             summary = compare_policies(policy, vae, reward_fn, judge, pool, heldout, args, self.device)
         atomic_save(export_state_dict(policy.var, args, self.base_sha256), out / "var_final.pth")
         if summary is not None:
             write_text(out / "summary.json", json.dumps(summary, indent=1, allow_nan=False) + "\n")
-        try:
-            first, last = out / "eval_step00000.png", out / f"eval_step{args.steps:05d}.png"
-            if self.records and first.exists() and last.exists():
-                save_before_after(first, last, out / "before_after.png")
+        first, last = out / "eval_step00000.png", out / f"eval_step{args.steps:05d}.png"
+        try:  # the pictures last: the weights and the numbers are already written
             if self.records:
                 save_reward_curve(self.records, out / "reward_curve.png")
-        except Exception as e:  # a picture is for looking at; the weights and the numbers are already written
-            print(f"warning: a picture could not be drawn ({type(e).__name__}: {str(e)[:200]}); var_final.pth and "
-                  f"summary.json are written", file=sys.stderr)
+                if first.exists() and last.exists():
+                    save_before_after(first, last, out / "before_after.png")
+        except Exception as e:
+            print(f"warning: a picture could not be drawn ({type(e).__name__}: {str(e)[:200]}); the rest is written", file=sys.stderr)
         grids = sorted(out.glob("eval_step*.png"))
         written = [p.name for p in sorted(out.iterdir()) if p.suffix in (".json", ".jsonl", ".png", ".pth", ".pt") and p not in grids]
         print(f"outputs in {out}: {', '.join(written)}" + (f", {len(grids)} evaluation grids eval_step*.png" if grids else ""))
@@ -1935,14 +1830,12 @@ def check_same_base(old: dict, now: dict, args: Config):
     if changed:
         raise WeightsError("the base weights changed since the run started: " + ", ".join(
             f"{base_weight_files(args)[n]} (sha256 {now[n][:12]}..., was {old[n][:12]}...)" for n in changed)
-            + ". A run must continue from the same base: restore the original file(s), or start a new run in another "
-            "--out (the adapters of a LoRA run are in its checkpoint.pt).")
+            + "; restore the original file(s), or start a new run (the adapters of a LoRA run are in its checkpoint.pt)")
 
 
 @contextmanager
 def errors_as_messages(args: RunConfig):
-    """main's errors: bad input, a file that cannot be written, a failed download, a non-finite update or no memory
-    end the program with one line that says what to do, not a traceback."""
+    """Bad input, an unwritable file, a failed download, a non-finite update or no memory: one line, not a traceback."""
     try:
         yield
     except (ValueError, OSError, WeightsError, FloatingPointError, MemoryError) as e:  # OSError: a file could not be written
@@ -1961,8 +1854,7 @@ def trained_state_dict(var: VAR, args: Config) -> dict:
 
 
 def export_state_dict(var: VAR, args: Config, base_sha256: dict) -> dict:
-    """var's weights as a plain state_dict with the official key names. LoRA: W + W_up W_down merged onto the fp32
-    base weights read again from disk (a GPU held them in bf16), adapter keys dropped."""
+    """var's weights with the official key names; LoRA: W + W_up W_down merged onto the fp32 base from disk."""
     if args.lora_rank == 0:
         return var.state_dict()
     check_same_base(base_sha256, base_fingerprint(args), args)
@@ -1994,10 +1886,7 @@ def save_before_after(before: Path, after: Path, path: Path):
     canvas.paste(a, (0, header))
     canvas.paste(b, (a.width + 16, header))
     draw = ImageDraw.Draw(canvas)
-    try:
-        font = ImageFont.load_default(size=36)
-    except TypeError:  # Pillow < 10.1: the small bitmap font
-        font = ImageFont.load_default()
+    font = ImageFont.load_default(size=36)  # a scalable font: Pillow >= 10.1
     step = lambda p: int(p.stem.removeprefix("eval_step"))
     draw.text((6, 4), f"before: step {step(before)}", fill="black", font=font)
     draw.text((a.width + 22, 4), f"after: step {step(after)}", fill="black", font=font)
@@ -2030,27 +1919,14 @@ def save_reward_curve(records: List[dict], path: Path, width: int = 640, height:
     save_png(img, path)
 
 
-def write_failure(e: Exception, path: Path) -> str:
-    """Why writing `path` failed, in words: disk full, read-only file system, no permission, or the error itself."""
-    import errno
-    code = getattr(e, "errno", None)
-    free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else None
-    if code == errno.ENOSPC or (free is not None and free < 1 << 26):  # torch's zip writer hides ENOSPC ("unexpected pos")
-        return "the disk is full" + (f" ({free / 2**20:.0f} MB free)" if free is not None else "")
-    return {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-            errno.EPERM: "permission denied"}.get(code, f"{type(e).__name__}: {e}")
-
-
 def open_no_symlink(path: Path, mode: str = "w"):
-    """open(path, mode) for writing ("w", "a", "a+", with or without "b") that refuses to write through a symbolic link:
-    one planted in --out or in the weight cache would send a checkpoint or a PID into any file the user may write."""
+    """open(path, mode) for writing that refuses a symbolic link (one planted in --out could aim anywhere)."""
     flags = os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | (os.O_RDWR if "+" in mode else os.O_WRONLY)
     try:
         fd = os.open(path, flags | (os.O_APPEND if mode[0] == "a" else os.O_TRUNC), 0o644)
     except OSError:
         if Path(path).is_symlink():
-            raise ValueError(f"{path} is a symbolic link (to {os.readlink(path)}), and this script never writes through "
-                              f"one: remove the link, or choose another directory") from None
+            raise ValueError(f"{path} is a symbolic link, which this script never writes through: remove it") from None
         raise
     return os.fdopen(fd, mode)
 
@@ -2066,8 +1942,7 @@ def save_png(image, path: Path):
 
 
 def atomic_save(obj, path: Path):
-    """Write to path.tmp, flush it to disk, then rename it over path. A crash, a full disk or a read-only file system
-    mid-write leaves the previous file as it was and no .tmp behind; the error says which of these happened."""
+    """Write to path.tmp, fsync, rename over path: a crash or a full disk mid-write leaves the previous file intact."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         tmp.unlink(missing_ok=True)  # a .tmp left by a crash, or a link planted there: removed, never written through
@@ -2077,9 +1952,15 @@ def atomic_save(obj, path: Path):
             os.fsync(f.fileno())
         os.replace(tmp, path)  # (a link at path is replaced, not followed)
     except (OSError, RuntimeError) as e:
+        import errno
+        code, free = getattr(e, "errno", None), shutil.disk_usage(path.parent).free if path.parent.is_dir() else None
+        if code == errno.ENOSPC or (free is not None and free < 1 << 26):  # torch's zip writer hides ENOSPC
+            why = "the disk is full" + (f" ({free / 2**20:.0f} MB free)" if free is not None else "")
+        else:
+            why = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                   errno.EPERM: "permission denied"}.get(code, f"{type(e).__name__}: {e}")
         kept = f" The previous {path.name} is intact." if path.exists() else ""
-        raise OSError(f"could not write {path}: {write_failure(e, path)}.{kept} Free some space (or fix the "
-                      f"directory), then continue with --resume.") from None
+        raise OSError(f"could not write {path}: {why}.{kept} Free some space, then continue with --resume.") from None
     finally:  # also on a second Ctrl-C mid-write
         try:
             tmp.unlink(missing_ok=True)
@@ -2109,8 +1990,7 @@ def out_dir(args: Config) -> Path:
 
 @contextmanager
 def run_lock(out: Path):
-    """One run per --out at a time: an exclusive lock on out/.lock, which the operating system releases however the
-    process ends, holding the running process's id. Without locks (some network mounts, Windows): a warning."""
+    """One run per --out: an exclusive lock on out/.lock (released however the process ends) holding its process id."""
     try:
         import fcntl
     except ImportError:
@@ -2120,11 +2000,10 @@ def run_lock(out: Path):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            raise ValueError(f"{out} is in use by another run (process {f.read().strip() or 'unknown'}); wait for it "
-                             f"to finish or stop it, or choose another --out") from None
+            raise ValueError(f"{out} is in use by another run (process {f.read().strip() or 'unknown'}); choose another --out") from None
         except (OSError, AttributeError) as e:
-            print(f"warning: cannot lock {out / '.lock'} ({getattr(e, 'strerror', None) or 'no fcntl'}); make sure no "
-                  f"other run uses {out} at the same time", file=sys.stderr)
+            print(f"warning: cannot lock {out / '.lock'} ({getattr(e, 'strerror', None) or 'no fcntl'}): use {out} for one run only",
+                  file=sys.stderr)
         f.truncate(0)
         f.write(str(os.getpid()))
         f.flush()
@@ -2135,8 +2014,7 @@ STUCK_STEPS = 5  # steps in a row with every advantage 0 before log_step warns
 
 
 def log_step(records: List[dict], metrics_path: Path, args: Config):
-    """The last step's record: one JSON line in metrics.jsonl, one printed line for a person; and a warning when the
-    last STUCK_STEPS steps could not learn anything (every group's rewards equal, so every advantage 0)."""
+    """The last record as a line of metrics.jsonl and a line for a person; a warning after STUCK_STEPS zero-advantage steps."""
     rec = records[-1]
     with open_no_symlink(metrics_path, "a") as f:
         f.write(json.dumps(rec) + "\n")
@@ -2149,20 +2027,15 @@ def log_step(records: List[dict], metrics_path: Path, args: Config):
                + (f" | eval reward {rec['eval_reward']:.4f}" if "eval_reward" in rec else ""))
     recent = records[-STUCK_STEPS:]
     if len(recent) == STUCK_STEPS and all(r.get("zero_adv_groups") == 1 for r in recent) and rec["step"] % STUCK_STEPS == STUCK_STEPS - 1:
-        tqdm.write(f"warning: in each of the last {STUCK_STEPS} steps every group's {args.group_size} images got the same "
-                   f"reward, so every advantage was 0 and nothing was learned. The samples do not vary enough for the "
-                   f"reward to tell them apart: raise --temperature (now {args.temperature}) or --group-size, or choose a "
-                   f"reward that varies (--reward {args.reward}).", file=sys.stderr)
+        tqdm.write(f"warning: in each of the last {STUCK_STEPS} steps every group's images got the same reward, so every "
+                   f"advantage was 0 and nothing was learned: raise --temperature (now {args.temperature}) or "
+                   f"--group-size, or choose a reward that varies (--reward {args.reward})", file=sys.stderr)
 
 
 @contextmanager
 def signals_stop_after_the_step():
-    """Yields a list to which the first Ctrl-C, SIGTERM or SIGHUP (what Slurm and Kubernetes send before they kill a
-    job; a closed terminal) appends its name: the loop then finishes the step, saves and stops. The previous handlers
-    are put back at once, so a second signal acts at once (a second Ctrl-C: main's message; SIGTERM: the process
-    ends); not under torchrun, which forwards the first signal to every process itself and kills them --shutdown-timeout
-    seconds later (30 by default). A signal ignored when the run starts (nohup ignores SIGHUP) stays ignored. Signals
-    reach only the main thread: from another thread nothing is installed."""
+    """A list to which the first Ctrl-C, SIGTERM or SIGHUP appends its name: the loop finishes the step, saves and
+    stops. One process puts the old handlers back at once, so a second signal acts at once; ignored ones stay so."""
     stop = []
     if threading.current_thread() is not threading.main_thread():
         yield stop
@@ -2181,10 +2054,8 @@ def signals_stop_after_the_step():
         if world_size() == 1:
             put_back()
         try:  # a stop must not depend on a terminal that may have hung up (EIO), nor on a print it interrupted
-            print(f"\n{stop[0]}: finishing this step, then saving and stopping" + (
-                " (Ctrl-C again stops at once, without saving this step)" if world_size() == 1 else
-                " (torchrun kills the processes --shutdown-timeout seconds after a signal, 30 by default; the last "
-                "checkpoint stays intact whatever happens)"), flush=True)
+            print(f"\n{stop[0]}: finishing this step, then saving and stopping" + (" (Ctrl-C again stops at once)" if
+                  world_size() == 1 else " (torchrun kills the processes after --shutdown-timeout, 30 s by default)"), flush=True)
         except Exception:
             pass
     for signum in previous:
@@ -2196,8 +2067,7 @@ def signals_stop_after_the_step():
 
 
 def exit_status(result) -> int:
-    """The command line's exit status: 0 for a run that ended, 128 + the signal's number for one a signal stopped
-    early (as a shell reports it), so that a script or a scheduler does not take a stopped run for a finished one."""
+    """0 for a run that ended; 128 + the signal's number (as a shell reports it) for one a signal stopped early."""
     stopped = result.get("stopped") if isinstance(result, dict) else None
     if not stopped:
         return 0
@@ -2206,129 +2076,99 @@ def exit_status(result) -> int:
 
 
 class SilentWhenGone:
-    """stdout or stderr, which goes silent instead of raising once no one reads it (`| head`, a closed terminal): what a
-    run must finish is its training and its files, not its printout."""
+    """stdout or stderr that goes silent instead of raising once no one reads it (`| head`, a closed terminal)."""
     def __init__(self, stream):
         self.stream = stream
 
     def write(self, text: str):
-        try:
-            return self.stream.write(text)
-        except (OSError, ValueError):
-            self.go_silent()
-            return len(text)
+        return self.guarded(self.stream.write, text) or len(text)
 
     def flush(self):
-        try:
-            self.stream.flush()
-        except (OSError, ValueError):
-            self.go_silent()
+        self.guarded(self.stream.flush)
 
-    def go_silent(self):
-        try:  # what is still buffered, and Python's own flush at exit, now go to /dev/null
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+    def guarded(self, call, *text):
+        try:
+            return call(*text)
         except (OSError, ValueError):
-            self.stream = open(os.devnull, "w")
+            try:  # what is still buffered, and Python's own flush at exit, now go to /dev/null
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            except (OSError, ValueError):
+                self.stream = open(os.devnull, "w")
 
     def __getattr__(self, name):
         return getattr(self.stream, name)
 
 
 @contextmanager
-def output_that_may_go():
-    """sys.stdout and sys.stderr as SilentWhenGone while the block runs."""
-    streams = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = SilentWhenGone(sys.stdout), SilentWhenGone(sys.stderr)
-    try:
-        yield
-    finally:
-        sys.stdout, sys.stderr = streams
-
-
-@contextmanager
 def failures_keep_checkpoints(out: Path, args: Config):
     """Out of memory (GPU or CPU), or a non-finite update: say what to change, and what is kept in out."""
-    def kept() -> str:
-        if (out / "checkpoint.pt").exists():
-            return f"Checkpoints already written in {out} are kept (--resume continues from the last one)."
-        return f"No checkpoint had been written in {out} yet (the first comes after --save-every steps)."
-    lower = ("Lower --micro-batch (memory of an update), --sample-batch (memory of sampling), --classes-per-step or "
-             "--group-size, add --grad-checkpointing")
+    kept = lambda: (f"Checkpoints already written in {out} are kept (--resume continues from the last one)." if
+                    (out / "checkpoint.pt").exists() else f"No checkpoint had been written in {out} yet.")
+    lower = "Lower --micro-batch (an update's memory), --sample-batch (sampling's), add --grad-checkpointing"
     try:
         yield
     except torch.cuda.OutOfMemoryError as e:
         raise torch.cuda.OutOfMemoryError(
-            f"{e}\nOut of GPU memory. {lower}, or train LoRA adapters with --lora-rank 16 (README: memory per depth). "
-            f"{kept()}") from None
+            f"{e}\nOut of GPU memory. {lower}, or train LoRA adapters with --lora-rank 16. {kept()}") from None
     except (MemoryError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and "can't allocate memory" not in str(e) and "not enough memory" not in str(e):
             raise
-        raise MemoryError(f"out of CPU memory ({str(e)[:200]}). {lower}, or use a machine with more memory. "
-                          f"{kept()}") from None
+        raise MemoryError(f"out of CPU memory ({str(e)[:200]}). {lower}. {kept()}") from None
     except FloatingPointError as e:
         raise FloatingPointError(f"{e}. {kept()}") from None
 
 
 def open_checkpoint(args: Config, out: Path, device: torch.device) -> Optional[dict]:
-    """None for a new run, which needs an --out without another run's files. With --resume: the checkpoint, loaded
-    without unpickling any code, checked to be complete and from a run with the same settings (those in
-    RESUME_MAY_CHANGE aside), and the metrics it continues, all before any model is loaded or any file rewritten."""
-    path = out / "checkpoint.pt"
+    """None for a new run; with --resume the checkpoint, checked before any model is loaded or file rewritten."""
+    path, again = out / "checkpoint.pt", "or start the run again in another --out"
     if not args.resume:
         if path.exists():
             raise FileExistsError(f"{out} already holds a run (checkpoint.pt); pass --resume to continue it or choose another --out")
         others = [name for name in RUN_FILES if (out / name).exists()]
         if others:
             raise FileExistsError(f"{out} holds another run's files ({', '.join(others)}) but no checkpoint.pt to "
-                                  f"resume: a new run would overwrite them. Choose another --out, or move those files away.")
+                                  f"resume; choose another --out, or move those files away")
         return None
     if not path.exists():
         metrics = out / "metrics.jsonl"
         logged = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
-        if logged:
-            raise FileNotFoundError(f"--resume: there is no {path}: the run in {out} logged {logged} step(s) in "
-                                    f"metrics.jsonl but stopped before its first checkpoint (one every --save-every "
-                                    f"steps, and on Ctrl-C). Start it again without --resume.")
-        raise FileNotFoundError(f"--resume: there is no {path}; point --out at the run to continue")
+        raise FileNotFoundError(f"--resume: there is no {path}; " + (f"the run logged {logged} step(s) but stopped "
+                                f"before its first checkpoint: start it again without --resume" if logged else
+                                "point --out at the run to continue"))
     try:  # weights_only: tensors and plain containers only, so that a planted file cannot run code
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"--resume: {path} holds objects other than tensors and plain containers, which "
-                         f"torch.load(weights_only=True) refuses to unpickle ({first_line(e)}). This "
-                         f"script never writes such a file; it was not loaded, since unpickling it could run code. Start "
-                         f"the run again in another --out.") from None
+        raise ValueError(f"--resume: {path} holds objects that torch.load(weights_only=True) refuses to unpickle "
+                         f"({first_line(e)}), as unpickling could run code; {again}") from None
     except Exception as e:
-        raise ValueError(f"--resume: {path} cannot be read ({type(e).__name__}: {str(e)[:200]}): it is damaged, e.g. "
-                         f"truncated by a copy. Restore it from a backup, or start the run again in another --out.") from None
+        raise ValueError(f"--resume: {path} cannot be read ({type(e).__name__}: {str(e)[:200]}): it is damaged; "
+                         f"restore it from a backup, {again}") from None
     old = ck.get("config") if isinstance(ck, dict) else None  # not a dict: checkpoint_problems says so below
     fixed = [k for k in vars(args) if k not in RESUME_MAY_CHANGE + ("out", "resume", "bench")]
     differs = [k for k in fixed if isinstance(old, dict) and old.get(k, getattr(RunConfig, k)) != getattr(args, k)]
     if differs:
         raise ValueError(f"--resume: {path} was trained with different settings: " + ", ".join(
             f"--{k.replace('_', '-')} was {old.get(k, getattr(RunConfig, k))!r}, now {getattr(args, k)!r}" for k in differs)
-            + f". A resumed run continues the same experiment: give the original values (they are in "
-            f"{out / 'config.json'}), or start a new run in another --out. Only these may change on --resume: "
-            + ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE) + ".")
+            + f". Give the original values (in {out / 'config.json'}), {again}; only these may change: "
+            + ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE))
     problems = checkpoint_problems(ck, args, device)  # after the settings: a changed setting is the clearer message
     if problems:
-        raise ValueError(f"--resume: {path} is not a checkpoint this run can continue: " + "; ".join(problems) +
-                         ". Restore it from a backup, or start the run again in another --out.")
+        raise ValueError(f"--resume: {path} is not a checkpoint this run can continue: {'; '.join(problems)}. Restore "
+                         f"it from a backup, {again}.")
     if args.steps < ck["step"]:
-        raise ValueError(f"--resume --steps {args.steps}: {path} is already at step {ck['step']}, and a run cannot go "
-                         f"back; give --steps {ck['step']} or more (the run's own value: {old.get('steps')})")
+        raise ValueError(f"--resume --steps {args.steps}: {path} is already at step {ck['step']}; give --steps "
+                         f"{ck['step']} or more")
     ck["records"] = read_metrics(out / "metrics.jsonl", ck["step"])
     logged = [r["step"] for r in ck["records"]]
     if logged != list(range(ck["step"])):
         raise ValueError(f"--resume: {path} is at step {ck['step']}, but {out / 'metrics.jsonl'} records steps "
-                         f"{logged[:3]}{' ...' if len(logged) > 3 else ''} where 0..{ck['step'] - 1} belong: they are not one run's "
-                         f"(a checkpoint.pt copied from another run, or a metrics.jsonl edited or lost). Put that run's "
-                         f"own files together, or start the run again in another --out.")
+                         f"{logged[:3]}{' ...' if len(logged) > 3 else ''} where 0..{ck['step'] - 1} belong: they are "
+                         f"not one run's; put that run's own files together, {again}")
     return ck
 
 
 def checkpoint_problems(ck, args: Config, device: torch.device) -> List[str]:
-    """What keeps ck from being resumed by this run: missing entries, wrong types, model keys or shapes other than
-    this run's model has (built on the meta device: no memory, no time)."""
+    """What keeps ck from being resumed: missing entries, wrong types, model keys or shapes (on the meta device)."""
     if not isinstance(ck, dict):
         return [f"it holds a {type(ck).__name__}, not a dict"]
     want = {"model": dict, "optimizer": dict, "step": int, "config": dict}
@@ -2340,38 +2180,32 @@ def checkpoint_problems(ck, args: Config, device: torch.device) -> List[str]:
         model = build_var(TOY_ARCH if args.tiny else OFFICIAL_ARCH, TOY_DEPTH if args.tiny else args.depth)
         if args.lora_rank > 0:
             add_lora(model, args.lora_rank)
-    problems = [f"model {p}" for p in key_problems(trained_state_dict(model, args), ck["model"])]
-    if ck["step"] < 0:
-        problems.append(f"its step is {ck['step']}")
-    return problems
+    return [f"model {p}" for p in key_problems(trained_state_dict(model, args), ck["model"])] + (
+        [f"its step is {ck['step']}"] if ck["step"] < 0 else [])
 
 
 def read_metrics(path: Path, before_step: int) -> List[dict]:
-    """The records of metrics.jsonl for steps < before_step. A torn last line (the run was killed while writing it)
-    is dropped with a warning; a damaged line elsewhere is an error that names it."""
-    lines = path.read_text().splitlines() if path.is_file() else []
-    records = []
+    """metrics.jsonl's records for steps < before_step; a torn last line dropped, a damaged one an error."""
+    lines, records = path.read_text().splitlines() if path.is_file() else [], []
     for i, line in enumerate(lines):
         try:
-            records.append(json.loads(line))
-            if not isinstance(records[-1], dict) or not isinstance(records[-1].get("step"), int):
-                raise ValueError(f"{path}, line {i + 1}, is not a step's record (a JSON object with an integer "
-                                 f"\"step\"): {line[:60]!r}; repair or delete that line, then --resume again")
+            record = json.loads(line)
         except json.JSONDecodeError:
             if i == len(lines) - 1:
                 print(f"warning: the last line of {path} is incomplete (the run was stopped while writing it); "
                       f"dropped", file=sys.stderr)
                 break
-            raise ValueError(f"{path}, line {i + 1}, is not a JSON record ({line[:60]!r}); repair or delete that line, "
-                             f"then --resume again") from None
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ValueError(f"{path}, line {i + 1}, is not a step's record (a JSON object with an integer \"step\"): "
+                             f"{line[:60]!r}; repair or delete that line, then --resume again")
+        records.append(record)
     return [r for r in records if r["step"] < before_step]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# E. Speed and memory. LoRA adapters (--lora-rank: the trained weights, their optimizer state and their gradients
-# shrink to a few MB), rollouts in chunks (--sample-batch), frozen weights stored in bf16, and on a GPU: the
-# teacher-forced pass compiled (--compile, default) and activations recomputed in the backward pass
-# (--grad-checkpointing, a flag VAR.forward reads). None changes what the method computes.
+# E. Speed and memory: LoRA adapters (--lora-rank), rollouts in chunks (--sample-batch), frozen weights in bf16, and
+# on a GPU the teacher-forced pass compiled (--compile) and recomputed in the backward pass (--grad-checkpointing).
 # ----------------------------------------------------------------------------------------------------------
 
 DECODE_BATCH = 8  # images per decoder pass in `sample`: its full-resolution activations dominate the sampler's memory
@@ -2383,9 +2217,8 @@ def autocast(device: torch.device):
 
 
 class LoRALinear(nn.Module):
-    """y = x W^T + b + (x W_down^T) W_up^T: a frozen linear (W, b) plus a trained low-rank update W_up W_down, with
-    W_down: (rank, in), W_up: (out, rank). W_up starts at zero, so the adapted model starts as the base model; alpha
-    = rank (scale 1). W and b keep their keys."""
+    """y = x W^T + b + (x W_down^T) W_up^T: a frozen linear (W, b; its keys kept) plus a trained low-rank update, with
+    W_down: (rank, in), W_up: (out, rank) starting at zero, so the adapted model starts as the base; alpha = rank."""
     def __init__(self, base: nn.Linear, rank: int):
         super().__init__()
         self.weight, self.bias = base.weight, base.bias
@@ -2422,8 +2255,7 @@ def adapters_off(var: VAR):
 
 
 def sample_in_chunks(var: VAR, vae: VQVAE, label_B, seed_B, chunk: int, *args, **kwargs) -> Sample:
-    """`sample` over label_B in chunks of `chunk` images (0: all at once): the KV cache then holds one chunk. The
-    images are the same for any chunk size, since each draws from its own seed."""
+    """`sample` in chunks of `chunk` images (0: all): the KV cache holds one chunk; each image draws from its own seed."""
     chunk = chunk or len(label_B)
     parts = [sample(var, vae, label_B[i:i + chunk], seed_B[i:i + chunk], *args, **kwargs) for i in range(0, len(label_B), chunk)]
     if len(parts) == 1:
@@ -2433,8 +2265,7 @@ def sample_in_chunks(var: VAR, vae: VQVAE, label_B, seed_B, chunk: int, *args, *
 
 
 def frozen_linears_to_bf16(model: VAR):
-    """Store the frozen linear weights in bf16 (GPU): autocast rounds them to bf16 for every matmul anyway, so the
-    outputs stay the same and the memory halves. word_embed runs in the fp32 embedding pass and stays fp32."""
+    """Frozen linear weights in bf16, which autocast rounds them to anyway: the same outputs, half the memory."""
     for name, m in model.named_modules():
         if isinstance(m, (nn.Linear, LoRALinear)) and name != "word_embed":
             for p in (m.weight, m.bias):
@@ -2443,23 +2274,17 @@ def frozen_linears_to_bf16(model: VAR):
 
 
 def use_the_device(args: RunConfig, device: torch.device, policy: Policy):
-    """The speed and memory settings, for the policy's VAR and its frozen reference copy (if any). torch.compile of a
-    module compiles its forward, the teacher-forced pass; sampling calls other methods and stays eager (with a KV cache
-    its shapes change at every scale). The modules keep their parameters, so the state_dict keys stay the official ones."""
-    var, ref = policy.var, policy.ref
-    if device.type == "cuda" and args.lora_rank > 0:  # LoRA's frozen base
-        frozen_linears_to_bf16(var)
-    if device.type == "cuda" and ref is not None:
-        frozen_linears_to_bf16(ref)
-    var.grad_checkpointing = args.grad_checkpointing  # the reference needs no backward pass
-    if args.compile and device.type == "cuda" and can_compile():
-        for model in (var, ref) if ref is not None else (var,):
-            model.compile()
+    """The speed and memory settings for the VAR and pi_ref's copy; Module.compile compiles forward alone."""
+    models = [policy.var] + ([policy.ref] if policy.ref is not None else [])
+    for model in (models[-1:] if device.type == "cuda" else []):  # pi_ref's copy, or the VAR (only LoRA's base is frozen)
+        frozen_linears_to_bf16(model)
+    policy.var.grad_checkpointing = args.grad_checkpointing  # the reference needs no backward pass
+    for model in models if args.compile and device.type == "cuda" and can_compile() else []:
+        model.compile()
 
 
 def can_compile() -> bool:
-    """--compile needs triton and a torch whose inductor can round to bf16 where eager autocast does (otherwise the
-    compiled pass's log-probs drift from the sampler's); it turns that rounding on. Without them: a note."""
+    """--compile needs triton and an inductor that rounds to bf16 as eager autocast does; it turns that on."""
     import torch._inductor.config as inductor_config
     try:
         from torch.utils._triton import has_triton
@@ -2493,9 +2318,8 @@ def matmul_tflops(device: torch.device) -> float:
 
 
 def update_flops(var: VAR, args: RunConfig, n_images: int) -> float:
-    """Model FLOPs of a step's update phase: every teacher-forced pass's matmuls (2 per weight and token forward,
-    4 more backward, or 2 more with LoRA's frozen weights), attention over all L x L pairs as the masked kernel
-    computes them; both CFG branches."""
+    """Model FLOPs of a step's update: every teacher-forced pass's matmuls (2 per weight and token forward, 4 more
+    backward, 2 with LoRA's frozen weights) and attention over all L x L pairs, both CFG branches."""
     block_weights = sum(m.weight.numel() for b in var.blocks for m in (b.attn.mat_qkv, b.attn.proj, b.ffn.fc1, b.ffn.fc2))
     forward = 2 * var.L * (block_weights + var.C * var.V) + 4 * var.L ** 2 * var.C * var.depth  # one sequence
     passes = args.inner_epochs * (3 if args.lora_rank == 0 else 2)  # the no-grad passes belong to the rollout
@@ -2543,15 +2367,12 @@ def benchmark(args: RunConfig, repeats: int = 3) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# G. The tokenizer around its quantiser: the VQVAE module, and its encoder and decoder, the standard VQGAN/LDM CNN
-# (official basic_vae.py), of which VAR changes nothing. The official VQVAE: channel multipliers (1,1,2,2,4), i.e. 4
-# halvings = 16x downsampling, 2 res-blocks per level, GroupNorm with 32 groups. The toy world (TOY_ARCH) uses a
-# smaller version of the same network.
+# G. The tokenizer around its quantiser: the VQVAE module and its encoder and decoder, the standard VQGAN/LDM CNN
+# (official basic_vae.py): channel multipliers (1,1,2,2,4), 16x downsampling, 2 res-blocks per level, GroupNorm(32).
 # ----------------------------------------------------------------------------------------------------------
 
 class VQVAE(nn.Module):
-    """The tokenizer: encoder CNN, quantiser, decoder CNN. `cnn` may override the CNN's shape (appendix G; the toy
-    world's is smaller)."""
+    """The tokenizer: encoder CNN, quantiser, decoder CNN (`cnn`: the toy world's smaller CNN)."""
     def __init__(self, vocab_size=4096, z_channels=32, ch=160, patch_nums=OFFICIAL_ARCH["patch_nums"],
                  quant_resi=0.5, share_quant_resi=4, **cnn):
         super().__init__()
@@ -2617,34 +2438,40 @@ class Resample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest") if self.up else F.pad(x, (0, 1, 0, 1)))
 
 
+class Level(nn.Module):
+    """One resolution level of the encoder or decoder: res-blocks (with attention at the coarsest), then a resample."""
+    def __init__(self, c_in: int, c_out: int, blocks: int, attn: bool, norm_groups: int, resample: str = ""):
+        super().__init__()
+        self.block = nn.ModuleList([ResnetBlock(c_in if i == 0 else c_out, c_out, norm_groups) for i in range(blocks)])
+        self.attn = nn.ModuleList([AttnBlock(c_out, norm_groups) for _ in range(blocks)] if attn else [])
+        self.resample = resample
+        if resample:
+            setattr(self, resample, Resample(c_out, up=resample == "upsample"))
+
+    def forward(self, x):
+        for i, block in enumerate(self.block):
+            x = block(x)
+            if len(self.attn):
+                x = self.attn[i](x)
+        return getattr(self, self.resample)(x) if self.resample else x
+
+
 class Encoder(nn.Module):
     def __init__(self, ch: int, z_channels: int, ch_mult=OFFICIAL_CH_MULT, num_res_blocks=OFFICIAL_RES_BLOCKS,
                  norm_groups=OFFICIAL_NORM_GROUPS):
         super().__init__()
+        widths, last = [ch * m for m in ch_mult], len(ch_mult) - 1  # level i's width; level 0 is the finest
+        top = widths[-1]  # the coarsest level's width, and the middle's
         self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
-        self.down = nn.ModuleList()
-        c_in = ch
-        for level, mult in enumerate(ch_mult):
-            last = level == len(ch_mult) - 1
-            stage = nn.Module()
-            stage.block = nn.ModuleList([ResnetBlock(c_in if i == 0 else ch * mult, ch * mult, norm_groups) for i in range(num_res_blocks)])
-            stage.attn = nn.ModuleList([AttnBlock(ch * mult, norm_groups) for _ in range(num_res_blocks)] if last else [])
-            if not last:
-                stage.downsample = Resample(ch * mult, up=False)
-            self.down.append(stage)
-            c_in = ch * mult
+        self.down = nn.Sequential(*[Level(widths[i - 1] if i else ch, widths[i], num_res_blocks, i == last, norm_groups,
+                                          "" if i == last else "downsample") for i in range(len(ch_mult))])
         self.mid = nn.Module()
-        self.mid.block_1, self.mid.attn_1 = ResnetBlock(c_in, c_in, norm_groups), AttnBlock(c_in, norm_groups)
-        self.mid.block_2 = ResnetBlock(c_in, c_in, norm_groups)
-        self.norm_out, self.conv_out = group_norm(c_in, norm_groups), nn.Conv2d(c_in, z_channels, 3, padding=1)
+        self.mid.block_1, self.mid.attn_1 = ResnetBlock(top, top, norm_groups), AttnBlock(top, norm_groups)
+        self.mid.block_2 = ResnetBlock(top, top, norm_groups)
+        self.norm_out, self.conv_out = group_norm(top, norm_groups), nn.Conv2d(top, z_channels, 3, padding=1)
 
     def forward(self, img_B3HW):
-        x = self.conv_in(img_B3HW)
-        for stage in self.down:
-            x = run_level(stage, x)
-            if hasattr(stage, "downsample"):
-                x = stage.downsample(x)
-        x = self.mid.block_2(self.mid.attn_1(self.mid.block_1(x)))
+        x = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.down(self.conv_in(img_B3HW)))))
         return self.conv_out(F.silu(self.norm_out(x), inplace=True))
 
 
@@ -2652,58 +2479,36 @@ class Decoder(nn.Module):
     def __init__(self, ch: int, z_channels: int, ch_mult=OFFICIAL_CH_MULT, num_res_blocks=OFFICIAL_RES_BLOCKS,
                  norm_groups=OFFICIAL_NORM_GROUPS):
         super().__init__()
-        c_in = ch * ch_mult[-1]
-        self.conv_in = nn.Conv2d(z_channels, c_in, 3, padding=1)
+        widths, last = [ch * m for m in ch_mult], len(ch_mult) - 1
+        top = widths[-1]
+        self.conv_in = nn.Conv2d(z_channels, top, 3, padding=1)
         self.mid = nn.Module()
-        self.mid.block_1, self.mid.attn_1 = ResnetBlock(c_in, c_in, norm_groups), AttnBlock(c_in, norm_groups)
-        self.mid.block_2 = ResnetBlock(c_in, c_in, norm_groups)
-        stages = []
-        for level in reversed(range(len(ch_mult))):  # built coarse to fine, stored fine to coarse (official order)
-            c_out = ch * ch_mult[level]
-            stage = nn.Module()
-            stage.block = nn.ModuleList([ResnetBlock(c_in if i == 0 else c_out, c_out, norm_groups) for i in range(num_res_blocks + 1)])
-            stage.attn = nn.ModuleList([AttnBlock(c_out, norm_groups) for _ in range(num_res_blocks + 1)] if level == len(ch_mult) - 1 else [])
-            if level != 0:
-                stage.upsample = Resample(c_out, up=True)
-            stages.insert(0, stage)
-            c_in = c_out
-        self.up = nn.ModuleList(stages)
-        self.norm_out, self.conv_out = group_norm(c_in, norm_groups), nn.Conv2d(c_in, 3, 3, padding=1)
+        self.mid.block_1, self.mid.attn_1 = ResnetBlock(top, top, norm_groups), AttnBlock(top, norm_groups)
+        self.mid.block_2 = ResnetBlock(top, top, norm_groups)
+        # stored fine to coarse (the official order), run coarse to fine; each level reads the width of the one above
+        self.up = nn.ModuleList([Level(widths[min(i + 1, last)], widths[i], num_res_blocks + 1, i == last, norm_groups,
+                                       "upsample" if i else "") for i in range(len(ch_mult))])
+        self.norm_out, self.conv_out = group_norm(widths[0], norm_groups), nn.Conv2d(widths[0], 3, 3, padding=1)
 
     def forward(self, f_BCvhw):
         x = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(f_BCvhw))))
-        for stage in reversed(self.up):
-            x = run_level(stage, x)
-            if hasattr(stage, "upsample"):
-                x = stage.upsample(x)
+        for level in reversed(self.up):
+            x = level(x)
         return self.conv_out(F.silu(self.norm_out(x), inplace=True))
 
 
-def run_level(stage: nn.Module, x):
-    """One resolution level of the encoder or decoder: its res-blocks, each followed by its attention if it has any."""
-    for i, block in enumerate(stage.block):
-        x = block(x)
-        if len(stage.attn):
-            x = stage.attn[i](x)
-    return x
-
-
 # ----------------------------------------------------------------------------------------------------------
-# H. More than one GPU: `torchrun --nproc_per_node N var_grpo.py ...` runs N copies of this file, one per GPU (gloo
-# processes on a CPU). The policy's two phases call a Ranks: each process rolls out P/N whole groups (samples, scores,
-# log-probs) and the rollouts of all are gathered on every process (a few hundred KB); each takes 1/N of every
-# minibatch and the gradients are then averaged over the processes, as DDP averages them, so every update is the
-# one-process update on all P*G images. Every random draw is keyed by (seed, step, image), so the run is the same for
-# any N, up to the order of floating-point sums. Only process 0 evaluates, prints and writes files. No weights are
-# broadcast: every process loads the same files and seeds LoRA's W_down alike. One process: Ranks(), which does nothing.
+# H. More than one GPU: `torchrun --nproc_per_node N var_grpo.py ...` runs N copies, one per GPU (gloo on a CPU). Each
+# rolls out P/N whole groups, and the rollouts are gathered on every process; each takes 1/N of every minibatch and
+# the gradients are averaged as DDP averages them. Every draw is keyed by (seed, step, image), so the run is the same
+# for any N up to the order of float sums. Only process 0 evaluates and writes. One process: Ranks(), doing nothing.
 # ----------------------------------------------------------------------------------------------------------
 
 DIST_TIMEOUT = timedelta(minutes=20)  # a process that hangs (rather than fails) ends the job after this long
 
 
 class Ranks:
-    """This process's place among the N processes of a torchrun job, and the collectives the run needs. One process
-    (the default, Ranks()): rank 0 of 1, and each method returns its input."""
+    """This process's place among torchrun's N processes, and the collectives the run needs (one process: none)."""
     def __init__(self, rank: int = 0, world: int = 1, device: torch.device = torch.device("cpu")):
         self.rank, self.world, self.device = rank, world, device
         self.main = rank == 0
@@ -2718,8 +2523,7 @@ class Ranks:
         return slice(self.rank * part, (self.rank + 1) * part)
 
     def gather(self, x):
-        """x (a tensor, a Rollout, or lists and dicts of them; None stays None) of every process, concatenated along
-        dim 0 in rank order."""
+        """x (a tensor, a Rollout, or lists and dicts of them) of every process, concatenated along dim 0 in rank order."""
         if self.world == 1 or x is None:
             return x
         if isinstance(x, Rollout):
@@ -2761,18 +2565,14 @@ def world_size() -> int:
     missing = [v for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     by_hand = value.strip().isdigit() and int(value) > 1 and missing
     if not value.strip().isdigit() or int(value) < 1 or by_hand:
-        raise ValueError(f"the environment sets WORLD_SIZE={value!r}" + (f" without {', '.join(missing)}" if by_hand
-                         else "") + ", as torchrun would not: unset WORLD_SIZE to run one process, or start this "
-                         "script with torchrun --nproc_per_node N")
+        raise ValueError(f"the environment sets WORLD_SIZE={value!r}" + (f" without {', '.join(missing)}" if by_hand else
+                         "") + ", as torchrun would not: unset WORLD_SIZE for one process, or start it with torchrun")
     return int(value)
 
 
 @contextmanager
 def torchrun_processes(device: torch.device):
-    """(ranks, device) of this process. Under torchrun: join the process group (NCCL on GPUs, gloo on CPU), each
-    process on its node's GPU LOCAL_RANK, with a finite timeout; the other processes print nothing but errors. An
-    error ends this process at once, non-zero, with its message; the others then fail in their next collective, say
-    so, and end too (torchrun's summary names the first to fail). Without torchrun: Ranks() and the device as given."""
+    """(ranks, device): under torchrun, this process joins the group on GPU LOCAL_RANK; only rank 0 prints."""
     if world_size() == 1:
         yield Ranks(), device
         return
@@ -2783,27 +2583,16 @@ def torchrun_processes(device: torch.device):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
         atexit.register(dist.destroy_process_group)
     ranks = Ranks(dist.get_rank(), dist.get_world_size(), device)
-    stdout = sys.stdout
-    if not ranks.main:
-        sys.stdout = open(os.devnull, "w")
     try:
-        yield ranks, device
-    except BaseException as e:
-        if peer_failed(e):  # wait, so that torchrun sees the process that failed end first and names it
+        with open(os.devnull, "w") as quiet, nullcontext() if ranks.main else redirect_stdout(quiet):
+            yield ranks, device
+    except BaseException as e:  # a collective failed because another process ended (gloo: closed; NCCL: DistError)?
+        if isinstance(e, getattr(dist, "DistError", ())) or "closed by peer" in str(e) or "Connection reset" in str(e):
             print(f"error (process {ranks.rank} of {ranks.world}): another process of this torchrun job failed (its "
                   f"error is above); this one stops too", file=sys.stderr, flush=True)
-            time.sleep(3)
+            time.sleep(3)  # so that torchrun sees the process that failed end first, and names it
             raise SystemExit(1) from None
         raise
-    finally:
-        if sys.stdout is not stdout:
-            sys.stdout.close()
-            sys.stdout = stdout
-
-
-def peer_failed(e: BaseException) -> bool:
-    """Did a collective fail because another process ended? (gloo: the connection closed; NCCL: a backend error)"""
-    return isinstance(e, getattr(dist, "DistError", ())) or "closed by peer" in str(e) or "Connection reset" in str(e)
 
 
 def which_process() -> str:

@@ -23,7 +23,7 @@ builds a world small enough to pretrain in minutes on 2 CPU cores, with the very
   4. Stage 2, the transformer: VAR (var_grpo.VAR) on the frozen tokenizer's token maps of the narrow world, teacher
      forced:   Loss = - (1/L) sum_t log p_theta(r_t | r_<scale(t), c),   c dropped to the null class with probability
      0.1. The dropout teaches the null-class distribution p(. | null) that classifier-free guidance subtracts.
-  5. The reward models. A toy CLIP (an open_clip model of var_grpo.TOY_CLIP_CONFIG), trained contrastively on broad
+  5. The reward models. A toy CLIP (an open_clip model of notebooks/toy/var-grpo-toy-clip.json), trained contrastively on broad
      images and captions made from their attributes ("a large white star on the left"); and a toy aesthetic head
      (var_grpo.AestheticHead, the LAION head's layers) on its image embeddings, trained to predict a rule: people
      like large shapes near the centre (aesthetic_rating).
@@ -54,6 +54,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import var_grpo as vg  # noqa: E402
+
+CLIP_DIM = json.loads((vg.TOY_DIR / f"{vg.TOY_CLIP}.json").read_text())["embed_dim"]  # the toy CLIP's embeddings
 
 TOY_DIR = vg.TOY_DIR  # notebooks/toy/, where --tiny looks for the weights
 
@@ -312,7 +314,7 @@ def show(images_B3HW, titles=(), columns=None, size=2.2):
 
 # ----------------------------------------------------------------------------------------------------------
 # 5. The rewards' models: a toy CLIP and a toy aesthetic head, the two learned rewards of the paper in miniature.
-# The toy CLIP is an open_clip model (var_grpo.TOY_CLIP_CONFIG) trained contrastively on broad-world images and
+# The toy CLIP is an open_clip model (notebooks/toy/var-grpo-toy-clip.json) trained contrastively on broad-world images and
 # captions made from their attributes ("a large white star on the left"), so it knows colours the VAR never saw.
 # The aesthetic head is var_grpo.AestheticHead (the LAION head's layers) on its image embeddings, trained to
 # predict a rating from a stated rule: people like large shapes near the centre.
@@ -427,7 +429,7 @@ def clip_accuracy(clip, images_B3HW, attrs: dict) -> dict:
 def train_aesthetic(clip, vae: vg.VQVAE, steps: int, generator: torch.Generator, batch: int = 128, lr: float = 1e-3,
                     log=print):
     """The toy aesthetic head: AestheticHead on the frozen toy CLIP's image embeddings, regressed on the rating rule."""
-    head = vg.AestheticHead(vg.TOY_CLIP_CONFIG["embed_dim"])
+    head = vg.AestheticHead(CLIP_DIM)
     opt = torch.optim.AdamW(head.parameters(), lr=lr)
     losses = []
     for step in range(steps):
@@ -585,7 +587,7 @@ def build(args, out: Path, argv) -> dict:
     t0 = time.time()
     head, _ = train_aesthetic(clip, vae, args.aesthetic_steps, gen)
     export(head, out / "aesthetic.pth")
-    head = reload(vg.AestheticHead(vg.TOY_CLIP_CONFIG["embed_dim"]), out / "aesthetic.pth")
+    head = reload(vg.AestheticHead(CLIP_DIM), out / "aesthetic.pth")
     times["aesthetic"] = time.time() - t0
     report["aesthetic_correlation_drawn"] = aesthetic_correlation(clip, head, broad_images, broad_attrs)
     report["aesthetic_correlation_reconstructed"] = aesthetic_correlation(clip, head, broad_recon, broad_attrs)
