@@ -1360,7 +1360,7 @@ def check_config(args: Config):
         need(value in choices, f"{flag} {value!r}: choose one of {', '.join(choices)}")
     if args.tiny:
         need(args.depth == Config.depth, f"--tiny uses the toy world's VAR-d{TOY_DEPTH}; drop --depth")
-        need(args.clip_model == Config.clip_model, f"--clip-model {args.clip_model}: --tiny uses the toy world's CLIP; drop --clip-model")
+        need(args.clip_model == Config.clip_model, f"--clip-model {args.clip_model}: --tiny uses the toy world's CLIP (clip.pth); drop --clip-model")
     elif not args.var_ckpt and not args.bench:  # the weights are downloaded: only the published depths exist
         need(args.depth in OFFICIAL_DEPTHS, f"--depth {args.depth}: official VAR weights exist for depth "
                                            f"{', '.join(map(str, OFFICIAL_DEPTHS))}; or pass your own with --var-ckpt")
@@ -2566,7 +2566,7 @@ def world_size() -> int:
     by_hand = value.strip().isdigit() and int(value) > 1 and missing
     if not value.strip().isdigit() or int(value) < 1 or by_hand:
         raise ValueError(f"the environment sets WORLD_SIZE={value!r}" + (f" without {', '.join(missing)}" if by_hand else
-                         "") + ", as torchrun would not: unset WORLD_SIZE for one process, or start it with torchrun")
+                         "") + ", as torchrun would not: unset WORLD_SIZE, or start it with torchrun --nproc_per_node N")
     return int(value)
 
 
