@@ -36,9 +36,9 @@ FIXTURES = [Path(p) for p in os.environ.get("VAR_GRPO_FIXTURES", str(TESTDATA / 
 # A new feature finds its place in the appendix (as tinygrad holds its line count in CI).
 # ------------------------------------------------------------------------------------------------
 
-# Fixed caps, not a ratchet: a new feature displaces something. FILE_LINES is the length this cap was set at, not
-# yet the 2,600 that issue 33 asks for; it may only be lowered. README_LINES is issue 33's cap.
-METHOD_LINES, FILE_LINES, GRPO_LOSS_BY, GRPO_STEP_LINES, PLUMBING_LINES, README_LINES = 800, 2605, 600, 45, 10, 450
+# Fixed caps, not a ratchet: a new feature displaces something. FILE_LINES and README_LINES are issue 33's caps; they
+# may only be lowered.
+METHOD_LINES, FILE_LINES, GRPO_LOSS_BY, GRPO_STEP_LINES, PLUMBING_LINES, README_LINES = 800, 2600, 600, 45, 10, 450
 METHOD_SECTIONS = ["Config", "Tokenizer", "Transformer", "Sampling", "Rewards", "GRPO", "The policy", "The training loop",
                    "main"]
 APPENDIX_SECTIONS = ["A.", "B.", "C.", "D.", "E.", "F.", "G.", "H."]

@@ -859,7 +859,7 @@ def hub_file(repo: str, name: str, flag: str) -> Path:
     blob = path.resolve()
     if re.fullmatch(r"[0-9a-f]{64}", blob.name) and file_sha256(blob) != blob.name:
         blob.unlink()
-        raise WeightsError(f"{name} of {repo} in the Hugging Face cache was corrupt and is deleted: run again")
+        raise WeightsError(f"{name} of {repo} in the Hugging Face cache was corrupt (its sha256 is not {blob.name}) and was deleted: run again")
     return path
 
 
@@ -877,7 +877,7 @@ def aesthetic_file(args: Config) -> Path:
     except requests.RequestException as e:
         raise WeightsError(f"downloading {AESTHETIC_URL} failed ({first_line(e)}); save it as {dest}, or pass --aesthetic-ckpt") from None
     if hashlib.sha256(response.content).hexdigest() != AESTHETIC_SHA256:
-        raise WeightsError(f"the file downloaded from {AESTHETIC_URL} is not the LAION head: nothing was kept, run again")
+        raise WeightsError(f"the file downloaded from {AESTHETIC_URL} is not the LAION head (wrong sha256): nothing was kept, run again")
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(f"{dest.name}.{os.getpid()}.part")
     with open_no_symlink(part, "wb") as f:
@@ -1063,7 +1063,7 @@ def load_clip_for(args: Config, device: torch.device, random_weights: bool = Fal
     tokenizer = open_clip.get_tokenizer(name)
     n_tokens = len(tokenizer.encode(args.prompt)) + 2  # + start and end of text
     if n_tokens > tokenizer.context_length:
-        print(f"warning: the prompt has {n_tokens} CLIP tokens; CLIP reads the first {tokenizer.context_length}", file=sys.stderr)
+        print(f"warning: the prompt has {n_tokens} CLIP tokens; CLIP reads only the first {tokenizer.context_length}", file=sys.stderr)
     return clip_model, tokenizer
 
 
@@ -1443,20 +1443,15 @@ def step_record(result: dict, args: Config, clock: PhaseClock) -> dict:
     mean = lambda key, stats=every: float(np.mean([st[key] for st in stats])) if stats else None
     seconds, peak_gb = clock.seconds, clock.peak_gb
     return dict(
-        reward_mean=roll.reward_B.mean().item(),
-        reward_std=roll.reward_B.std().item(),
+        reward_mean=roll.reward_B.mean().item(), reward_std=roll.reward_B.std().item(),
         **{f"{name}_{stat}": getattr(part_B, stat)().item() for name, part_B in roll.parts.items() for stat in ("mean", "std")},
-        adv_abs_mean=adv_B.abs().mean().item(),
-        adv_max=adv_B.max().item(),
-        adv_min=adv_B.min().item(),
+        adv_abs_mean=adv_B.abs().mean().item(), adv_max=adv_B.max().item(), adv_min=adv_B.min().item(),
         zero_adv_groups=(adv_B.view(-1, args.group_size) == 0).all(1).float().mean().item(),
         **{k: mean(k) for k in ("policy_loss", "kl_loss", "kl_ref", "kl_old", "ratio_mean", "clip_frac", "entropy")},
         **{f"{name}_{part}": mean(key, stats) for part, stats in (("first", first), ("later", later))
            for name, key in (("ratio", "ratio_mean"), ("clip_frac", "clip_frac"))},
-        logprob_gap_max=max(st["log_ratio_max"] for st in first),
-        logprob_gap_mean=mean("log_ratio_mean", first),
-        grad_norm=float(np.mean(result["grad_norms"])),
-        diversity=group_diversity(roll.features_BD, args.group_size),
+        logprob_gap_max=max(st["log_ratio_max"] for st in first), logprob_gap_mean=mean("log_ratio_mean", first),
+        grad_norm=float(np.mean(result["grad_norms"])), diversity=group_diversity(roll.features_BD, args.group_size),
         **{f"time_{phase}": seconds.get(phase, 0.0) for phase in ("rollout", "reward", "update")},
         images_per_s=len(roll.reward_B) / sum(seconds.values()),
         peak_gpu_mem_gb=max(peak_gb.values()) if peak_gb else None,
