@@ -911,6 +911,19 @@ def test_advantage_normalisations_by_hand():
     torch.testing.assert_close(vg.group_advantages(r, 3, 0.0, "none"), diff)
 
 
+def test_equal_rewards_get_advantages_of_exactly_zero_in_float32_at_any_eps_and_constant():
+    """float32's mean of 8 equal rewards is often 1 ulp off, so their std is ~1e-7, not 0: with eps 0 that made +-0.935
+    for a whole group (a same-sign push), and with --adv-norm batch a constant reward gave every image +-0.97."""
+    r = torch.rand(2000, generator=torch.Generator().manual_seed(0)).repeat_interleave(8)  # 2,000 groups, each equal
+    for norm in ("group", "batch", "none"):
+        for eps in (0.0, 1e-4, 1e-8):
+            assert (vg.group_advantages(r, 8, eps, norm) == 0).all(), (norm, eps)
+            for constant in (2.6822, 900000.3, 1e-30):
+                assert (vg.group_advantages(torch.full((32,), constant), 8, eps, norm) == 0).all(), (norm, eps, constant)
+    mixed = torch.cat([torch.full((8,), 0.3), torch.arange(8.0)])  # one equal group beside one that is not
+    adv = vg.group_advantages(mixed, 8, 0.0, "batch")
+    assert (adv[:8] == 0).all() and (adv[8:] != 0).all()
+
 def test_kl_term_carries_a_gradient_by_hand():
     """Catches: the KL term computed without a gradient (log pi_theta detached inside it)."""
     logp = torch.zeros(1, 2, requires_grad=True)
@@ -1468,9 +1481,59 @@ def notebook_modules():
     return nbclient, nbformat
 
 
-def test_the_seven_notebooks_are_there():
+def test_the_eight_notebooks_are_there():
     assert [p.name for p in NOTEBOOKS] == ["00_pretraining.ipynb", "01_tokenizer.ipynb", "02_next_scale_sampling.ipynb",
-                                           "03_rewards.ipynb", "04_grpo.ipynb", "05_lab.ipynb", "06_reach.ipynb"]
+                                           "03_rewards.ipynb", "04_grpo.ipynb", "05_lab.ipynb", "06_reach.ipynb",
+                                           "07_latency.ipynb"]
+
+
+# notebooks/latency.py (07_latency.ipynb, claim 3): its quick mode runs in test_notebook_runs_on_cpu[07_latency]
+
+def test_the_diffusion_transformer_has_dit_xl2s_published_size_and_cost_and_var_d16_its_own():
+    import latency
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):  # shapes only: nothing allocated, nothing computed
+        dit, var = latency.DiT(), vg.build_var(vg.OFFICIAL_ARCH, 16)
+    assert abs(latency.params(dit) / 675e6 - 1) < 0.01 and latency.params(var) == 310_283_520
+    with FlopCounterMode(display=False) as counter:
+        dit(torch.empty(1, 4, 32, 32, device="meta"), torch.zeros(1, device="meta"),
+            torch.zeros(1, dtype=torch.long, device="meta"))
+    assert abs(counter.get_total_flops() / 2 / 118.6e9 - 1) < 0.05  # DiT's Table 4: 118.6 Gflops (multiply-adds)
+    q = torch.randn(2, 3, 16, 8)  # the CPU attention kernel is counted as two matmuls, as torch counts it elsewhere
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert counter.get_total_flops() == 2 * (2 * 2 * 3 * 16 * 16 * 8)
+
+
+def test_the_diffusion_samplers_follow_dits_schedule_and_recover_a_latent_from_its_true_noise():
+    import latency
+    t, abar = latency.alphas_bar(250, "cpu")
+    assert t[0] == 999 and t[-1] == 0 and len(t) == 250  # last time first, evenly respaced
+    assert math.isclose(abar[0].item(), 4.036e-5, rel_tol=1e-3) and math.isclose(abar[-1].item(), 1 - 1e-4, rel_tol=1e-6)
+
+    class Oracle(torch.nn.Module):  # predicts the noise that took a known latent x0 to x_t, exactly
+        num_classes, channels, patch = 10, 2, 1
+        pos_1NC = torch.zeros(1, 16, 1)
+
+        def forward(self, x, t_B, label_B):
+            a = latency.alphas_bar(1000, "cpu")[1].flip(0)[t_B].view(-1, 1, 1, 1)
+            return torch.cat([(x - a.sqrt() * x0) / (1 - a).sqrt()] * 2, dim=1)
+    x0 = torch.randn(1, 2, 4, 4)
+    for ddim in (True, False):  # DDIM exactly; DDPM's posterior step too, up to its last noise
+        out = latency.diffusion_sample(Oracle(), torch.tensor([3]), 50, ddim)
+        assert torch.allclose(out, x0, atol=1e-4), (ddim, (out - x0).abs().max())
+
+
+def test_the_stored_latency_record_says_what_was_measured_whole():
+    record = json.loads((HERE / "notebooks" / "toy" / "latency.json").read_text())
+    assert not record["quick"]
+    row_keys = {"model", "params", "forward_passes", "gflops_per_image", "seconds_per_image", "batch", "measured"}
+    assert all(row_keys <= set(r) for r in record["rows"])
+    assert all({"policy", "sampling_s", "update_passes", "step_s_per_image"} <= set(s) for s in record["grpo_step"])
+    measured = {r["model"]: r["measured"] for r in record["rows"]}
+    assert {m for k, m in measured.items() if k.startswith(("toy", "VAR"))} == {"whole"}
+    assert measured["DiT-XL/2, 250 DDPM steps"] == "2 steps x 125" and measured["DiT-XL/2, 50 DDIM steps"] == "2 steps x 25"
+    assert {"VAR-d16", "VAR-d30", "toy VAR-d2", "toy DiT-d2, 50 DDIM steps"} <= set(measured)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -2310,6 +2373,23 @@ def test_own_reward_that_cannot_work_is_one_message_before_any_training(tmp_path
         vg.main(["--tiny", "--reward", f"clip=1,{spec}", "--steps", "1", "--out", str(tmp_path / "run")])
     assert re.search(message, str(e.value.code)), e.value.code
     assert "Traceback" not in str(e.value.code)
+
+
+def test_own_reward_gets_a_copy_and_its_result_is_detached_float32(tmp_path, monkeypatch):
+    """A reward that writes into its input would corrupt what is measured after it (the class accuracy and colour
+    shares reuse the images), and one with a graph would break the next micro-batch's backward."""
+    (tmp_path / "mine.py").write_text("import torch\nw = torch.ones(1, requires_grad=True)\n\ndef f(images):\n"
+                                      "    with torch.enable_grad():\n        out = images.mean((1, 2, 3)).double() * w\n"
+                                      "    images.mul_(0)\n    return out\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "mine", raising=False)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    reward = vg.own_reward("mine:f", 32)
+    images = torch.rand(2, 3, 32, 32)
+    kept = images.clone()
+    out = reward(images)
+    assert torch.equal(images, kept) and not out.requires_grad and out.grad_fn is None and out.dtype == torch.float32
+    torch.testing.assert_close(out, kept.mean((1, 2, 3)))
 
 
 def test_own_reward_runs_in_every_torchrun_process(tmp_path):

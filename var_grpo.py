@@ -587,9 +587,9 @@ class Reward(nn.Module):
 
 def group_advantages(reward_B, group_size: int, eps: float, norm: str = "group"):
     """A_i = (R_i - mean_group) / (std + eps), std with Bessel's correction as in the GRPO paper's code: of the group
-    (norm="group"), of the batch ("batch"), or no division ("none", Dr. GRPO). Equal rewards: advantages 0, not NaN."""
-    reward_PG = reward_B.view(-1, group_size)  # images p*G .. p*G+G-1 share a class: one group per row
-    diff_PG = reward_PG - reward_PG.mean(1, keepdim=True)
+    (norm="group"), of the batch ("batch"), or none ("none", Dr. GRPO). Equal rewards: exactly 0, never NaN."""
+    reward_PG = reward_B.view(-1, group_size)  # a row per group; an equal row's float32 mean can be 1 ulp off it, so:
+    diff_PG = (reward_PG - reward_PG.mean(1, keepdim=True)) * (reward_PG != reward_PG[:, :1]).any(1, keepdim=True)
     if norm == "none":
         return diff_PG.view(-1)
     std = reward_PG.std(1, keepdim=True) if norm == "group" else reward_B.std()
@@ -817,7 +817,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout, suppress
 from dataclasses import fields
 from datetime import timedelta
 from pathlib import Path
@@ -1109,8 +1109,8 @@ def own_reward(name: str, side: int):
     if not callable(reward_of):
         raise ValueError(f"--reward {name}: {getattr(module, '__file__', module_name)} has no function {function!r}")
 
-    def reward_B(images_B3HW):  # its result as a (B,) float32 tensor on the images' device, or an error that says why
-        out = torch.as_tensor(reward_of(images_B3HW), dtype=torch.float32, device=images_B3HW.device)
+    def reward_B(images_B3HW):  # given a copy; its result detached, (B,) float32 on the images' device, or an error
+        out = torch.as_tensor(reward_of(images_B3HW.clone()), dtype=torch.float32, device=images_B3HW.device).detach()
         if out.shape != (len(images_B3HW),):
             raise ValueError(f"the reward {name} returned shape {tuple(out.shape)} for {len(images_B3HW)} images; it "
                              f"must return one number per image")
@@ -1957,10 +1957,8 @@ def atomic_save(obj, path: Path):
         kept = f" The previous {path.name} is intact." if path.exists() else ""
         raise OSError(f"could not write {path}: {why}.{kept} Free some space, then continue with --resume.") from None
     finally:  # also on a second Ctrl-C mid-write
-        try:
+        with suppress(OSError):
             tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
 
 
 # What a resumed run may change: how long it runs, how often it saves and evaluates, and how it uses the machine.
