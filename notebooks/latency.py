@@ -132,7 +132,7 @@ def diffusion_sample(dit: DiT, label_B, steps: int, ddim: bool, decode=None, onl
     B, side = label_B.shape[0], dit.pos_1NC.shape[1] ** 0.5 * dit.patch
     x = torch.randn(B, dit.channels, int(side), int(side), device=label_B.device)
     t, abar = alphas_bar(steps, label_B.device)
-    labels_2B = torch.cat((label_B, torch.full_like(label_B, dit.num_classes)))
+    labels_2B = with_cfg(label_B, dit.num_classes)
     for i in range(only_steps or steps):
         with vg.autocast(label_B.device):
             eps_cond, eps_null = dit(x.repeat(2, 1, 1, 1), t[i].expand(2 * B), labels_2B)[:, :dit.channels].float().chunk(2)
