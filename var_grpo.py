@@ -668,6 +668,7 @@ class Rollout:
     reward_B: torch.Tensor                # (B,) R, the weighted sum
     parts: dict                           # each component R_j alone: name -> (B,)
     features_BD: torch.Tensor             # (B, D) what diversity is measured on (CLIP image embeddings)
+    logp_sampler_BL: Optional[torch.Tensor] = None  # (B, L) with --old-logprobs recompute, what the sampler recorded
 
 
 class Policy:
@@ -715,7 +716,8 @@ class Policy:
             with self.reference() as ref:
                 logp_ref_BL = teacher_forced(ref)
         self.clock("rollout")  # appendix C
-        roll = Rollout(label_B, drawn.tokens, logp_old_BL, logp_ref_BL, reward_B, parts, features_BD)
+        roll = Rollout(label_B, drawn.tokens, logp_old_BL, logp_ref_BL, reward_B, parts, features_BD,
+                       None if args.old_logprobs == "sampler" else drawn.logp_BL)
         return self.ranks.gather(roll)  # appendix H: every process gets the rollouts of all P groups
 
     def accumulate_gradients(self, vae: VQVAE, roll: Rollout, adv_B, idx_B, args: Config) -> List[dict]:
@@ -766,7 +768,7 @@ def grpo_step(policy: Policy, vae: VQVAE, reward_fn, opt, label_B, args: Config,
 def train(args: RunConfig) -> dict:
     """GRPO as the settings say, from Python as from the command line: the pretrained models (§1-3), the reward
     (§5), the policy (§8), then §4-8 once per step. Returns {"out", "records", "var", "summary", "stopped"}."""
-    with Run(args) as run:  # appendix D: every setting checked, --out taken for this run, the checkpoint opened
+    with Run(args).begin() as run:  # appendix D: every setting checked, --out taken for this run, the checkpoint opened
         torch.manual_seed(args.seed)  # what draws from torch's global generator: LoRA's W_down
         vae, var = load_models(args, run.device)
         reward_fn = build_reward(args, run.device)
@@ -814,6 +816,7 @@ import pickle
 import re
 import shutil
 import signal
+import stat
 import sys
 import threading
 import time
@@ -843,7 +846,7 @@ class WeightsError(RuntimeError):
 
 
 def cache_dir(args: Config) -> Path:
-    """Where this script keeps what is not on the Hub: the aesthetic head and the CLIP class judge's text embeddings."""
+    """Where this script keeps what is not on the Hub: the aesthetic head."""
     return Path(args.cache_dir or os.environ.get("VAR_GRPO_CACHE") or Path.home() / ".cache" / "var_grpo")
 
 
@@ -1094,9 +1097,11 @@ def load_aesthetic_for(args: Config, dim: int, device: torch.device, random_weig
     return aesthetic.to(device).eval().requires_grad_(False)
 
 
-def own_reward(name: str, side: int):
-    """`--reward module:function` imported (current directory or PYTHONPATH) and tried on 2 random images."""
+def own_reward(name: str, side: int, device: torch.device = torch.device("cpu")):
+    """`--reward module:function` imported (current directory or PYTHONPATH) and tried on 2 random images on device."""
     module_name, _, function = name.partition(":")
+    if module_name.endswith(".py"):  # a file name, not a module's
+        raise ValueError(f"--reward {name}: drop the .py, as Python imports it: --reward {module_name[:-3]}:{function}")
     if os.getcwd() not in sys.path:  # `python var_grpo.py` puts the script's folder on the path, not the current one
         sys.path.insert(0, os.getcwd())
     importlib.invalidate_caches()  # a module written since this process started is found
@@ -1109,17 +1114,20 @@ def own_reward(name: str, side: int):
     if not callable(reward_of):
         raise ValueError(f"--reward {name}: {getattr(module, '__file__', module_name)} has no function {function!r}")
 
-    def reward_B(images_B3HW):  # given a copy; its result detached, (B,) float32 on the images' device, or an error
-        out = torch.as_tensor(reward_of(images_B3HW.clone()), dtype=torch.float32, device=images_B3HW.device).detach()
+    def reward_B(images_B3HW):  # given a copy; its result detached, (B,) float32 on the images' device, or ValueError
+        try:  # SystemExit too: a sys.exit() in it must not end the run as if it had finished
+            out = torch.as_tensor(reward_of(images_B3HW.clone()), dtype=torch.float32, device=images_B3HW.device).detach()
+        except (Exception, SystemExit) as e:
+            raise ValueError(f"the reward {name} raised {type(e).__name__}: {first_line(e)}") from None
         if out.shape != (len(images_B3HW),):
             raise ValueError(f"the reward {name} returned shape {tuple(out.shape)} for {len(images_B3HW)} images; it "
                              f"must return one number per image")
         return out
     try:
-        finite = torch.isfinite(reward_B(torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(0)))).all()
-    except Exception as e:
-        raise ValueError(f"--reward {name}, tried on 2 random images (2, 3, {side}, {side}) in [0, 1]: {type(e).__name__}: "
-                         f"{first_line(e)}") from None
+        finite = torch.isfinite(reward_B(torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(0)).to(
+            device))).all()
+    except ValueError as e:
+        raise ValueError(f"--reward {name}, tried on 2 random images (2, 3, {side}, {side}) in [0, 1]: {e}") from None
     if not finite:
         raise ValueError(f"--reward {name} returned values that are not finite for 2 random images (2, 3, {side}, "
                          f"{side}) in [0, 1]; it must return one finite number per image")
@@ -1129,7 +1137,7 @@ def own_reward(name: str, side: int):
 def build_reward(args: Config, device: torch.device, random_weights: bool = False) -> Reward:
     """The reward of --reward: CLIP and the aesthetic head (real, toy or untrained), rewards of one's own."""
     weights = parse_reward_spec(args.reward)
-    own = {name: own_reward(name, 32 if args.tiny else 256) for name in weights if ":" in name}
+    own = {name: own_reward(name, 32 if args.tiny else 256, device) for name in weights if ":" in name}
     clip_model = text_emb_D = aesthetic = None
     if "clip" in weights or "aesthetic" in weights:
         clip_model, tokenizer = load_clip_for(args, device, random_weights)
@@ -1174,7 +1182,7 @@ class RunConfig(Config):
     aesthetic_ckpt: str = ""
     """local path of sac+logos+ava1-l14-linearMSE.pth; empty: from --cache-dir, downloaded if missing"""
     cache_dir: str = ""
-    """where the aesthetic head and the class judge's embeddings are kept; empty: $VAR_GRPO_CACHE, else ~/.cache/var_grpo"""
+    """where the aesthetic head is kept; empty: $VAR_GRPO_CACHE, else ~/.cache/var_grpo"""
     out: str = ""
     """output directory, one run at a time; empty: runs/<prompt>-d<depth> (runs/tiny-<prompt>-<reward> with --tiny)"""
     resume: bool = False
@@ -1233,7 +1241,7 @@ def parse_config(argv: Optional[List[str]] = None) -> RunConfig:
     return RunConfig(**vars(parser.parse_args(argv)))
 
 
-MAX_REWARD_WEIGHT = 1e6
+MIN_REWARD_WEIGHT, MAX_REWARD_WEIGHT = 1e-6, 1e6  # only ratios matter; outside, float32 or --adv-eps drowns them
 
 
 def parse_reward_spec(spec: str) -> dict:
@@ -1250,8 +1258,9 @@ def parse_reward_spec(spec: str) -> dict:
             weight = float("nan")
         if not math.isfinite(weight):
             raise ValueError(f"--reward: {part!r} needs a finite number after '=', e.g. {name}=1")
-        if abs(weight) > MAX_REWARD_WEIGHT:  # float32 rewards: 1e39 is inf, and far smaller ones overflow in the sum
-            raise ValueError(f"--reward: {part!r}: a weight's size must be at most {MAX_REWARD_WEIGHT:g} (only ratios matter)")
+        if weight and not MIN_REWARD_WEIGHT <= abs(weight) <= MAX_REWARD_WEIGHT:  # 1e39 is inf in float32, 1e-46 is 0
+            raise ValueError(f"--reward: {part!r}: a weight's size must be at most {MAX_REWARD_WEIGHT:g} and at least "
+                             f"{MIN_REWARD_WEIGHT:g}, where --adv-eps would drown the reward's spread (only ratios matter)")
         if name in weights:
             raise ValueError(f"--reward: {name!r} is given twice in {spec!r}")
         weights[name] = weight
@@ -1326,7 +1335,7 @@ def check_config(args: Config):
         raise ValueError("bad configuration:\n  " + "\n  ".join(problems))
     need(args.group_size >= 2, f"--group-size {args.group_size}: GRPO compares images within a group, so it needs at least 2")
     for least, names in ((1, "classes_per_step minibatches micro_batch inner_epochs steps eval_every save_every num_eval"),
-                         (0, "summary_samples sample_batch lora_rank eval_top_k beta cfg adv_eps weight_decay")):
+                         (0, "summary_samples sample_batch lora_rank eval_top_k beta cfg adv_eps weight_decay seed")):
         for name in names.split():
             need(getattr(args, name) >= least, f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least {least}")
     for flag, value in (("--lr", args.lr), ("--lora-lr", args.lora_lr)):
@@ -1342,7 +1351,6 @@ def check_config(args: Config):
     need(args.max_grad_norm > 0, f"--max-grad-norm {args.max_grad_norm}: must be > 0")
     need(0 <= args.eval_top_p <= 1, f"--eval-top-p {args.eval_top_p}: must be in [0, 1] (0: off)")
     need(args.num_eval <= 256, f"--num-eval {args.num_eval}: at most 256 (an evaluation grid is one PNG, 4 images a row)")
-    need(args.seed >= 0, f"--seed {args.seed}: must be >= 0")
     n, P, N = args.classes_per_step * args.group_size, args.classes_per_step, world_size()  # N: torchrun's processes
     if N > 1:  # appendix H
         need(P % N == 0, f"--classes-per-step {P}: torchrun started {N} processes, which sample whole groups, so it must "
@@ -1372,11 +1380,10 @@ def check_config(args: Config):
             return check(*a)
         except ValueError as e:
             problems.append(str(e))
-    reward = attempt(parse_reward_spec, args.reward) or {}
-    for name in [name for name in reward if ":" in name]:  # a reward of one's own: it works, before any download
-        attempt(own_reward, name, 32 if args.tiny else 256)
+    reward, device = attempt(parse_reward_spec, args.reward) or {}, attempt(resolve_device, args.device)
+    for name in [name for name in reward if ":" in name]:  # a reward of one's own works on the run's device
+        attempt(own_reward, name, 32 if args.tiny else 256, device or torch.device("cpu"))
     attempt(class_pools, args, (TOY_ARCH if args.tiny else OFFICIAL_ARCH)["num_classes"])
-    attempt(resolve_device, args.device)
     need("clip" not in reward or bool(args.prompt.strip()), "--prompt is empty but the clip reward needs a text")
     need(args.tiny or args.bench or not {"clip", "aesthetic"} & set(reward) or args.clip_model == Config.clip_model
          or bool(args.clip_ckpt),
@@ -1415,9 +1422,6 @@ class PhaseClock:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.seconds, self.peak_gb, self.last = {}, {}, time.perf_counter()
 
-    def stop(self):
-        self.last = None
-
     def __call__(self, phase: str):
         if self.last is None:
             return
@@ -1436,8 +1440,9 @@ def check_finite(stats: dict, args: Config):
 
 
 def step_record(result: dict, args: Config, clock: PhaseClock) -> dict:
-    """The step's log record (README: what each metric tells); the first minibatch's |log rho| is the sampler gap."""
+    """The step's log record (README: what each metric tells), with the sampler gap: see logprob_gap_max there."""
     roll, adv_B, mb_stats = result["rollout"], result["adv_B"], result["stats"]
+    gap_BL = None if roll.logp_sampler_BL is None else (roll.logp_old_BL - roll.logp_sampler_BL).abs()
     every, first = [st for stats in mb_stats for st in stats], mb_stats[0]
     later = [st for stats in mb_stats[1:] for st in stats]
     mean = lambda key, stats=every: float(np.mean([st[key] for st in stats])) if stats else None
@@ -1445,12 +1450,14 @@ def step_record(result: dict, args: Config, clock: PhaseClock) -> dict:
     return dict(
         reward_mean=roll.reward_B.mean().item(), reward_std=roll.reward_B.std().item(),
         **{f"{name}_{stat}": getattr(part_B, stat)().item() for name, part_B in roll.parts.items() for stat in ("mean", "std")},
+        reward_group_std=roll.reward_B.view(-1, args.group_size).std(1).mean().item(),  # against --adv-eps
         adv_abs_mean=adv_B.abs().mean().item(), adv_max=adv_B.max().item(), adv_min=adv_B.min().item(),
         zero_adv_groups=(adv_B.view(-1, args.group_size) == 0).all(1).float().mean().item(),
         **{k: mean(k) for k in ("policy_loss", "kl_loss", "kl_ref", "kl_old", "ratio_mean", "clip_frac", "entropy")},
         **{f"{name}_{part}": mean(key, stats) for part, stats in (("first", first), ("later", later))
            for name, key in (("ratio", "ratio_mean"), ("clip_frac", "clip_frac"))},
-        logprob_gap_max=max(st["log_ratio_max"] for st in first), logprob_gap_mean=mean("log_ratio_mean", first),
+        logprob_gap_max=max(st["log_ratio_max"] for st in first) if gap_BL is None else gap_BL.max().item(),
+        logprob_gap_mean=mean("log_ratio_mean", first) if gap_BL is None else gap_BL.mean().item(),
         grad_norm=float(np.mean(result["grad_norms"])), diversity=group_diversity(roll.features_BD, args.group_size),
         **{f"time_{phase}": seconds.get(phase, 0.0) for phase in ("rollout", "reward", "update")},
         images_per_s=len(roll.reward_B) / sum(seconds.values()),
@@ -1526,6 +1533,7 @@ def starting_policy(policy: Policy, args: Config, device: torch.device):
 def measure_policies(policy: Policy, vae, reward_fn, judge, labels, args: Config, device, what: str) -> dict:
     """Fresh samples of both policies, same classes and seeds, drawn as in training: mean reward and the standard error
     of its change (unpaired and paired), each component, diversity, class accuracy, the toy world's colour shares."""
+    from tqdm import trange  # a progress bar with its estimate: --summary-samples 100000 takes a while
     n = len(labels)  # in chunks a rollout proved to fit on one process (P*G/N images under torchrun)
     chunk = args.sample_batch or args.classes_per_step * args.group_size // world_size()
     labels, seeds = labels.to(device), image_seeds(len(labels), args.seed, "summary")
@@ -1533,12 +1541,10 @@ def measure_policies(policy: Policy, vae, reward_fn, judge, labels, args: Config
     for name in ("start", "end"):
         with starting_policy(policy, args, device) if name == "start" else nullcontext(policy.var) as model:
             rewards, parts, features, hits, colours = [], [], [], [], []
-            for i in range(0, n, chunk):
+            for i in trange(0, n, chunk, desc=f"summary: {what}, {name} policy", leave=False, dynamic_ncols=True):
                 images = sample(model, vae, labels[i:i + chunk], seeds[i:i + chunk], args.cfg, args.temperature).image
-                reward_B, parts_B, features_BD = reward_fn(images)
-                rewards.append(reward_B)
-                parts.append(parts_B)
-                features.append(features_BD)
+                for kept, value in zip((rewards, parts, features), reward_fn(images)):  # total (B,), components, (B, D)
+                    kept.append(value)
                 if judge is not None:
                     hits.append(judge(images).argmax(-1) == labels[i:i + chunk])
                 if args.tiny:
@@ -1599,26 +1605,15 @@ class ClipClassJudge(nn.Module):
     description = ("CLIP zero-shot over open_clip's 1000 ImageNet class names and its 7 simple templates; the reward's "
                    "own CLIP, so not independent of what was optimised")
 
-    def __init__(self, clip_model, tokenizer, class_names, templates, device: torch.device, cache: Optional[Path] = None):
-        """cache: a file keeping these CLIP weights' class embeddings (7,000 texts: minutes on a CPU)."""
+    def __init__(self, clip_model, tokenizer, class_names, templates, device: torch.device):
         super().__init__()
         self.clip = clip_model
-        if cache is not None and cache.is_file():
-            class_emb = torch.load(cache, map_location=device, weights_only=True)
-        else:
-            texts = [template(name) for name in class_names for template in templates]
-            with torch.no_grad():
-                emb = torch.cat([self.clip.encode_text(tokenizer(texts[i:i + 1000]).to(device)).float()
-                                 for i in range(0, len(texts), 1000)])
-            per_template = F.normalize(emb, dim=-1).view(len(class_names), len(templates), -1)  # (classes, templates, D)
-            class_emb = F.normalize(per_template.mean(1), dim=-1)  # (classes, D)
-            if cache is not None:
-                try:
-                    cache.parent.mkdir(parents=True, exist_ok=True)
-                    atomic_save(class_emb.cpu(), cache)
-                except (OSError, ValueError) as e:
-                    print(f"warning: the class embeddings could not be kept in {cache} ({e})", file=sys.stderr)
-        self.register_buffer("class_emb", class_emb)
+        texts = [template(name) for name in class_names for template in templates]  # 7,000: seconds on a GPU
+        with torch.no_grad():
+            emb = torch.cat([self.clip.encode_text(tokenizer(texts[i:i + 1000]).to(device)).float()
+                             for i in range(0, len(texts), 1000)])
+        per_template = F.normalize(emb, dim=-1).view(len(class_names), len(templates), -1)  # (classes, templates, D)
+        self.register_buffer("class_emb", F.normalize(per_template.mean(1), dim=-1))  # (classes, D)
 
     @torch.no_grad()
     def forward(self, images_B3HW):
@@ -1682,12 +1677,8 @@ def load_judge(args: Config, device: torch.device, reward_fn: Optional[Reward] =
         return None
     import open_clip
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, SIMPLE_IMAGENET_TEMPLATES
-    weights = Path(clip_weights(args))  # the class texts' embeddings are computed once per CLIP weights, then read
-    st = weights.stat() if weights.is_file() else None  # (a file: where it is, its size and time; a tag: its name)
-    key = f"{args.clip_model}|{weights.resolve()}|{st.st_size}|{st.st_mtime_ns}" if st else f"{args.clip_model}|{weights}"
-    cache = cache_dir(args) / f"imagenet_class_emb-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
     return ClipClassJudge(reward_fn.clip, open_clip.get_tokenizer(args.clip_model), IMAGENET_CLASSNAMES,
-                          SIMPLE_IMAGENET_TEMPLATES, device, cache)
+                          SIMPLE_IMAGENET_TEMPLATES, device)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1696,21 +1687,14 @@ def load_judge(args: Config, device: torch.device, reward_fn: Optional[Reward] =
 # ----------------------------------------------------------------------------------------------------------
 
 class Run:
-    """A run of train(), around its loop: `with Run(args)` checks every setting and path first, joins torchrun's
+    """A run of train(), around its loop: `with Run(args).begin()` checks every setting and path first, joins torchrun's
     processes (appendix H), locks --out, opens the checkpoint; steps, record and finish do the rest (rank 0 writes)."""
     def __init__(self, args: RunConfig):
         check_config(args)
-        self.args, self.out, self.loop, self.stop, self.stopping = args, out_dir(args), None, [], False
-        self.context = self.open()
-
-    def __enter__(self):
-        return self.context.__enter__()
-
-    def __exit__(self, *exc):
-        return self.context.__exit__(*exc)
+        self.args, self.out, self.loop, self.stop, self.stopping, self.at_step = args, out_dir(args), None, [], False, 0
 
     @contextmanager
-    def open(self):
+    def begin(self):
         args, out = self.args, self.out
         with torchrun_processes(resolve_device(args.device)) as (self.ranks, self.device):
             self.clock = PhaseClock(self.device)
@@ -1722,12 +1706,11 @@ class Run:
                 self.ck = open_checkpoint(args, out, self.device)
                 self.ranks.barrier()  # torchrun: every process has read --out before the first one writes into it
                 if args.tiny:
-                    world = f", {self.ranks.world} processes" if self.ranks.world > 1 else ""
-                    print(f"--tiny: the toy world on {args.device}{world}: VAR-d{TOY_DEPTH} pretrained on 32 px shapes of "
-                          f"8 colours; the toy CLIP knows {', '.join(TOY_COLOURS)}")
+                    print(f"--tiny: the toy world on {args.device}" + (f", {self.ranks.world} processes" if self.ranks.world > 1
+                          else "") + f": VAR-d{TOY_DEPTH} pretrained on 32 px shapes of 8 colours; the toy CLIP knows {', '.join(TOY_COLOURS)}")
                 try:
                     with redirect_stdout(SilentWhenGone(sys.stdout)), redirect_stderr(SilentWhenGone(sys.stderr)):
-                        with failures_keep_checkpoints(out, args):  # out of memory, a non-finite update: what to do
+                        with failures_keep_checkpoints(out, args, lambda: self.at_step):  # what to do, what is kept
                             yield self
                 finally:
                     if self.loop is not None:
@@ -1759,6 +1742,7 @@ class Run:
             for step in trange(start, self.args.steps, initial=start, total=self.args.steps, desc="GRPO",
                                dynamic_ncols=True, disable=not self.ranks.main):
                 self.clock.start()
+                self.at_step = step
                 yield step
                 if self.stopping:
                     return
@@ -1775,7 +1759,7 @@ class Run:
         """After a step: its record logged, a grid and a checkpoint when --eval-every, --save-every or a signal say."""
         args, ranks = self.args, self.ranks
         self.clock("update")
-        self.clock.stop()
+        self.clock.last = None  # stopped: what follows (an evaluation, a save) is not the step's
         rec = dict(step=step, **step_record(result, args, self.clock))
         self.done = step + 1
         self.stopping = ranks.any(bool(self.stop))  # torchrun: a signal to any process stops them all after this step
@@ -1786,7 +1770,8 @@ class Run:
             log_step(self.records, self.out / "metrics.jsonl", args)
             if self.done % args.save_every == 0 or self.done == args.steps or self.stopping:
                 atomic_save(dict(model=trained_state_dict(self.policy.var, args), optimizer=self.opt.state_dict(),
-                                 step=self.done, config=vars(args), base_sha256=self.base_sha256),
+                                 step=self.done, config=vars(args), base_sha256=self.base_sha256,
+                                 records_sha256=hashlib.sha256(json.dumps(self.records).encode()).hexdigest()),
                             self.out / "checkpoint.pt")
 
     def finish(self, policy: Policy, vae: VQVAE, reward_fn: Reward, pool, heldout) -> dict:
@@ -1914,16 +1899,21 @@ def save_reward_curve(records: List[dict], path: Path, width: int = 640, height:
     save_png(img, path)
 
 
+def refuse_odd_file(path: Path):
+    """A symbolic link planted in --out aims anywhere, a hard link is another run's file too, a FIFO blocks the run."""
+    st = os.lstat(path) if os.path.lexists(path) else None
+    if st is not None and (not stat.S_ISREG(st.st_mode) or st.st_nlink > 1):
+        what = ("a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file (a FIFO, a device, a folder?)"
+                if not stat.S_ISREG(st.st_mode) else f"one of {st.st_nlink} hard links to one file (a `cp -al` copy?)")
+        raise ValueError(f"{path} is {what}, which this script never writes through: replace it by a copy or remove it")
+
+
 def open_no_symlink(path: Path, mode: str = "w"):
-    """open(path, mode) for writing that refuses a symbolic link (one planted in --out could aim anywhere)."""
-    flags = os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | (os.O_RDWR if "+" in mode else os.O_WRONLY)
-    try:
-        fd = os.open(path, flags | (os.O_APPEND if mode[0] == "a" else os.O_TRUNC), 0o644)
-    except OSError:
-        if Path(path).is_symlink():
-            raise ValueError(f"{path} is a symbolic link, which this script never writes through: remove it") from None
-        raise
-    return os.fdopen(fd, mode)
+    """open(path, mode) for writing, refusing what refuse_odd_file refuses; "x": only a file it creates itself."""
+    refuse_odd_file(path)
+    flags = os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)  # (a link or FIFO put there since)
+    flags |= {"w": os.O_TRUNC, "a": os.O_APPEND, "x": os.O_EXCL}[mode[0]] | (os.O_RDWR if "+" in mode else os.O_WRONLY)
+    return os.fdopen(os.open(path, flags, 0o644), mode.replace("x", "w"))
 
 
 def write_text(path: Path, text: str):
@@ -1941,7 +1931,7 @@ def atomic_save(obj, path: Path):
     tmp = path.with_name(path.name + ".tmp")
     try:
         tmp.unlink(missing_ok=True)  # a .tmp left by a crash, or a link planted there: removed, never written through
-        with open_no_symlink(tmp, "wb") as f:
+        with open_no_symlink(tmp, "xb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
@@ -1988,7 +1978,9 @@ def run_lock(out: Path):
         import fcntl
     except ImportError:
         fcntl = None
-    with open_no_symlink(out / ".lock", "a+") as f:
+    lock, written = out / ".lock", lambda: [(out / n).stat().st_mtime_ns for n in RUN_FILES if (out / n).exists()]
+    created, before = not os.path.lexists(lock), written()
+    with open_no_symlink(lock, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -2000,7 +1992,11 @@ def run_lock(out: Path):
         f.truncate(0)
         f.write(str(os.getpid()))
         f.flush()
-        yield
+        try:
+            yield
+        finally:
+            if created and written() == before:  # refused, or ended before writing: nothing of this attempt is left
+                lock.unlink(missing_ok=True)
 
 
 STUCK_STEPS = 5  # steps in a row with every advantage 0 before log_step warns
@@ -2018,11 +2014,15 @@ def log_step(records: List[dict], metrics_path: Path, args: Config):
                f"{rec['time_rollout'] + rec['time_reward'] + rec['time_update']:.2f}s (rollout {rec['time_rollout']:.2f} "
                f"reward {rec['time_reward']:.2f} update {rec['time_update']:.2f})"
                + (f" | eval reward {rec['eval_reward']:.4f}" if "eval_reward" in rec else ""))
-    recent = records[-STUCK_STEPS:]
-    if len(recent) == STUCK_STEPS and all(r.get("zero_adv_groups") == 1 for r in recent) and rec["step"] % STUCK_STEPS == STUCK_STEPS - 1:
+    recent = records[-STUCK_STEPS:] if len(records) >= STUCK_STEPS and rec["step"] % STUCK_STEPS == STUCK_STEPS - 1 else []
+    if recent and all(r.get("zero_adv_groups") == 1 for r in recent):
         tqdm.write(f"warning: in each of the last {STUCK_STEPS} steps every group's images got the same reward, so every "
                    f"advantage was 0 and nothing was learned: raise --temperature (now {args.temperature}) or "
                    f"--group-size, or choose a reward that varies (--reward {args.reward})", file=sys.stderr)
+    elif recent and args.adv_norm != "none" and all(r.get("reward_group_std", 1.0) < args.adv_eps for r in recent):
+        tqdm.write(f"warning: in each of the last {STUCK_STEPS} steps the reward's spread within a group (std "
+                   f"{rec['reward_group_std']:.2g}) was below --adv-eps {args.adv_eps:g}, so the advantages shrank to "
+                   f"{rec['adv_abs_mean']:.2g}: scale the weights of --reward {args.reward} up, or lower --adv-eps", file=sys.stderr)
 
 
 @contextmanager
@@ -2046,11 +2046,9 @@ def signals_stop_after_the_step():
             return
         if world_size() == 1:
             put_back()
-        try:  # a stop must not depend on a terminal that may have hung up (EIO), nor on a print it interrupted
+        with suppress(Exception):  # a stop must not depend on a terminal that may have hung up (EIO), nor on a print
             print(f"\n{stop[0]}: finishing this step, then saving and stopping" + (" (Ctrl-C again stops at once)" if
                   world_size() == 1 else " (torchrun kills the processes after --shutdown-timeout, 30 s by default)"), flush=True)
-        except Exception:
-            pass
     for signum in previous:
         signal.signal(signum, on_signal)
     try:
@@ -2062,10 +2060,8 @@ def signals_stop_after_the_step():
 def exit_status(result) -> int:
     """0 for a run that ended; 128 + the signal's number (as a shell reports it) for one a signal stopped early."""
     stopped = result.get("stopped") if isinstance(result, dict) else None
-    if not stopped:
-        return 0
-    signum = getattr(signal, {"Ctrl-C": "SIGINT"}.get(stopped, stopped), None)  # None: a signal to another process
-    return 128 + int(signum) if signum is not None else 1
+    signum = getattr(signal, {"Ctrl-C": "SIGINT"}.get(stopped, stopped), None) if stopped else None  # None: another's
+    return 0 if not stopped else 1 if signum is None else 128 + int(signum)
 
 
 class SilentWhenGone:
@@ -2082,6 +2078,8 @@ class SilentWhenGone:
     def guarded(self, call, *text):
         try:
             return call(*text)
+        except UnicodeEncodeError as e:  # a terminal that cannot show a character: the line, with "?" for it
+            return call(*(t.encode(e.encoding, "replace").decode(e.encoding) for t in text))
         except (OSError, ValueError):
             try:  # what is still buffered, and Python's own flush at exit, now go to /dev/null
                 os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
@@ -2093,8 +2091,8 @@ class SilentWhenGone:
 
 
 @contextmanager
-def failures_keep_checkpoints(out: Path, args: Config):
-    """Out of memory (GPU or CPU), or a non-finite update: say what to change, and what is kept in out."""
+def failures_keep_checkpoints(out: Path, args: Config, at_step):
+    """Out of memory (GPU or CPU), a non-finite update, a reward of one's own that failed: what to do, what is kept."""
     kept = lambda: (f"Checkpoints already written in {out} are kept (--resume continues from the last one)." if
                     (out / "checkpoint.pt").exists() else f"No checkpoint had been written in {out} yet.")
     lower = "Lower --micro-batch (an update's memory), --sample-batch (sampling's), add --grad-checkpointing"
@@ -2109,11 +2107,15 @@ def failures_keep_checkpoints(out: Path, args: Config):
         raise MemoryError(f"out of CPU memory ({str(e)[:200]}). {lower}. {kept()}") from None
     except FloatingPointError as e:
         raise FloatingPointError(f"{e}. {kept()}") from None
+    except ValueError as e:  # a reward of one's own raised, or returned the wrong shape
+        raise ValueError(f"{e}, at step {at_step()}. {kept()}") from None
 
 
 def open_checkpoint(args: Config, out: Path, device: torch.device) -> Optional[dict]:
     """None for a new run; with --resume the checkpoint, checked before any model is loaded or file rewritten."""
     path, again = out / "checkpoint.pt", "or start the run again in another --out"
+    for run_file in [out / name for name in RUN_FILES + ("checkpoint.pt",)] + sorted(out.glob("eval_step*.png")):
+        refuse_odd_file(run_file)  # before any work (a FIFO would block the run at the end, and a resume at once)
     if not args.resume:
         if path.exists():
             raise FileExistsError(f"{out} already holds a run (checkpoint.pt); pass --resume to continue it or choose another --out")
@@ -2152,11 +2154,11 @@ def open_checkpoint(args: Config, out: Path, device: torch.device) -> Optional[d
         raise ValueError(f"--resume --steps {args.steps}: {path} is already at step {ck['step']}; give --steps "
                          f"{ck['step']} or more")
     ck["records"] = read_metrics(out / "metrics.jsonl", ck["step"])
-    logged = [r["step"] for r in ck["records"]]
-    if logged != list(range(ck["step"])):
+    logged, digest = [r["step"] for r in ck["records"]], hashlib.sha256(json.dumps(ck["records"]).encode()).hexdigest()
+    if logged != list(range(ck["step"])) or ck.get("records_sha256", digest) != digest:  # the checkpoint's own log?
         raise ValueError(f"--resume: {path} is at step {ck['step']}, but {out / 'metrics.jsonl'} records steps "
-                         f"{logged[:3]}{' ...' if len(logged) > 3 else ''} where 0..{ck['step'] - 1} belong: they are "
-                         f"not one run's; put that run's own files together, {again}")
+                         f"{logged[:3]}{' ...' if len(logged) > 3 else ''} where 0..{ck['step'] - 1} belong (or another "
+                         f"run's steps): they are not one run's; put that run's own files together, {again}")
     return ck
 
 
@@ -2581,8 +2583,8 @@ def torchrun_processes(device: torch.device):
             yield ranks, device
     except BaseException as e:  # a collective failed because another process ended (gloo: closed; NCCL: DistError)?
         if isinstance(e, getattr(dist, "DistError", ())) or "closed by peer" in str(e) or "Connection reset" in str(e):
-            print(f"error (process {ranks.rank} of {ranks.world}): another process of this torchrun job failed (its "
-                  f"error is above); this one stops too", file=sys.stderr, flush=True)
+            print(f"error (process {ranks.rank} of {ranks.world}): another process of this torchrun job failed or ended "
+                  f"early (its error, if it printed one, is above); this one stops too", file=sys.stderr, flush=True)
             time.sleep(3)  # so that torchrun sees the process that failed end first, and names it
             raise SystemExit(1) from None
         raise

@@ -5,7 +5,9 @@ Each check runs the cases the project's own tests hold for that piece (test_var_
 hand, and the sampler's own record of log-probabilities) against the student's function, and says in words which
 property failed, with the numbers; where the wrong result matches a known mistake (the population std instead of
 the sample std, the guidance without its ramp, ...) it names the mistake. A check prints one line, PASS or FAIL,
-and returns True or False; it never raises, so that a notebook of blanks runs top to bottom.
+and returns True or False; it never raises, so that a notebook of blanks runs top to bottom. An answer that returns
+None, or does not return within TIME_LIMIT_S, is named as such. test_var_grpo.py hands every check a list of wrong
+answers of its own and requires FAIL for each (the lab's mutation test).
 
 final_run trains the toy world's prompt run (`python var_grpo.py --tiny`) with the student's functions in place of
 the project's, and prints the lime share and the class accuracy beside the reference run's.
@@ -14,11 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import json
 import math
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -27,8 +32,37 @@ import var_grpo as vg
 import toy_world as tw
 
 
+TIME_LIMIT_S = 20.0  # a student's function still running after this long is stopped (an endless loop?)
+
+
 class Wrong(AssertionError):
     """What a check found wrong, in words."""
+
+
+class TimedOut(BaseException):  # not an Exception, so that a student's `except Exception` cannot swallow it
+    pass
+
+
+def guarded(fn):
+    """fn, stopped after TIME_LIMIT_S (where signals can be used: the main thread of a Unix process) and refused
+    when it returns None."""
+    def call(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+            out = fn(*args, **kwargs)
+        else:
+            def stop(signum, frame):
+                raise TimedOut
+            previous = signal.signal(signal.SIGALRM, stop)
+            signal.setitimer(signal.ITIMER_REAL, TIME_LIMIT_S)
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous)
+        if out is None:
+            raise Wrong("it returned None: a missing return?")
+        return out
+    return call
 
 
 def close(got, want, atol=1e-5) -> bool:
@@ -43,7 +77,10 @@ def numbers(x) -> str:
 def report(name: str, check, *args) -> bool:
     """Run check(*args); print PASS, or FAIL with what was wrong in words; never raise."""
     try:
-        check(*args)
+        check(*[guarded(a) if callable(a) else a for a in args])
+    except TimedOut:
+        print(f"FAIL {name}: it did not return within {TIME_LIMIT_S:g} s, so it was stopped (an endless loop?)")
+        return False
     except NotImplementedError:
         print(f"FAIL {name}: not written yet (the function raises NotImplementedError)")
         return False
@@ -64,12 +101,18 @@ def report(name: str, check, *args) -> bool:
 def group_advantage_cases(group_advantages):
     for r, G, eps, want in [([1.0, 2.0, 3.0, 5.0, 5.0, 5.0], 3, 0.0, [-1, 0, 1, 0, 0, 0]),
                             ([1.0, 2.0, 3.0, 5.0, 5.0, 11.0], 3, 0.0, [-1, 0, 1, -2 / 12 ** 0.5, -2 / 12 ** 0.5, 4 / 12 ** 0.5]),
-                            ([1.0, 2.0, 3.0], 3, 1e-4, [-1 / 1.0001, 0, 1 / 1.0001])]:
+                            ([1.0, 2.0, 3.0], 3, 1e-4, [-1 / 1.0001, 0, 1 / 1.0001]),
+                            ([0.0, 0.0, 0.0, 4.0, 1.0, 1.0, 2.0, 0.0, 3.0, 3.0, 3.0, 3.0], 4, 0.0,
+                             [-0.5, -0.5, -0.5, 1.5, 0, 0, 1.5 ** 0.5, -(1.5 ** 0.5), 0, 0, 0, 0])]:
         r = torch.tensor(r)
         got = torch.as_tensor(group_advantages(r, G, eps))
+        if got.shape != r.shape:
+            raise Wrong(f"on {len(r)} rewards in groups of G = {G} it returned shape {tuple(got.shape)}; want "
+                        f"({len(r)},) = (B,): one advantage per image, in the rewards' order (flatten the (P, G) view)")
         if close(got, want):
             continue
-        said = f"rewards {numbers(r)} in groups of G = {G} (images 0-2, then 3-5), eps = {eps:g}: got {numbers(got)}, want {numbers(want)}"
+        said = (f"rewards {numbers(r)} in groups of G = {G} (images 0..G-1, then G..2G-1), eps = {eps:g}: got "
+                f"{numbers(got)}, want {numbers(want)}")
         if torch.isnan(got).any():
             raise Wrong(f"{said}. A group whose rewards are all equal has std 0, and its advantages must be 0 (nothing "
                         f"to learn), not NaN: divide only where std > 0")
@@ -100,6 +143,9 @@ def grpo_loss_cases(grpo_loss):
         old = torch.full((1, 1), math.log(0.3))
         new = (old + math.log(ratio)).requires_grad_(True)
         loss = grpo_loss(new, old, torch.tensor([adv]), None, 0.2, 0.0)
+        if torch.as_tensor(loss).dim() != 0:
+            raise Wrong(f"it returned shape {tuple(torch.as_tensor(loss).shape)}; want a scalar J (0-dim tensor): the "
+                        f"mean over each image's tokens, then over the images")
         if not close(loss.detach(), want, 1e-6):
             raise Wrong(f"one token, A = {adv:+g}, rho = {ratio}, eps_clip = 0.2: J = {loss.item():.4g}, want {want:+g} "
                         f"(-min(rho A, clip(rho, 0.8, 1.2) A): the pessimistic side counts, on both signs of A)")
@@ -134,6 +180,39 @@ def grpo_loss_cases(grpo_loss):
     if not close(loss, (2 - math.log(2.0) - 1) * 0.5, 1e-6):
         raise Wrong(f"token weights w = [0.5, 0.25, 0.25], the KL on token 0 alone: J = {loss.item():.6g}, want "
                     f"w_0 * k3 = {(2 - math.log(2.0) - 1) * 0.5:.6g} (with weight_L given, J_i = sum_t w_t [...])")
+    # B != L and advantages that differ between images, with and without token weights: the per-image A_i must
+    # multiply every token of image i (adv_B[:, None]), and the weights both terms.
+    logp = torch.log(torch.tensor([[0.5, 0.2, 0.3], [0.1, 0.7, 0.2], [0.4, 0.4, 0.2]]))
+    old = torch.log(torch.tensor([[0.4, 0.2, 0.25], [0.1, 0.5, 0.2], [0.5, 0.4, 0.1]]))  # rho: 1.25 1 1.2, 1 1.4 1, ...
+    ref = torch.log(torch.tensor([[0.25, 0.2, 0.3], [0.2, 0.7, 0.1], [0.4, 0.5, 0.2]]))
+    for B, adv_B, weights in [(3, [1.0, -0.5, 2.0], None), (2, [1.0, -0.5], None), (2, [1.0, -2.0], weight_L),
+                              (3, [0.5, 1.0, -1.0], weight_L)]:
+        args = (logp[:B], old[:B], torch.tensor(adv_B), ref[:B], 0.2, 0.5, weights)
+        want = vg.grpo_loss(*args)[0]
+        try:
+            loss = grpo_loss(*args)
+        except RuntimeError as e:
+            raise Wrong(f"{B} images of 3 tokens: it raised RuntimeError ({str(e).splitlines()[0][:120]}): A_i, shape "
+                        f"(B,), must be unsqueezed to (B, 1) to multiply the (B, L) ratios") from None
+        if close(torch.as_tensor(loss).detach(), want, 1e-6):
+            continue
+        said = (f"{B} images of 3 tokens, A = {adv_B}, eps_clip = 0.2, beta = 0.5, weights {weights if weights is None else numbers(weights)}: "
+                f"J = {torch.as_tensor(loss).detach().double().sum().item():.6g}, want {want.item():.6g}")
+        rho = (args[0] - args[1]).exp()
+        q = args[3] - args[0]
+        kl = q.exp() - q - 1
+        if B == 3 and weights is None:
+            A_t = torch.tensor(adv_B)  # broadcast along the token axis
+            if close(loss, (-torch.min(rho * A_t, rho.clamp(0.8, 1.2) * A_t) + 0.5 * kl).mean(), 1e-6):
+                raise Wrong(f"{said}: that multiplies token t by A_t, the advantages broadcast along the tokens; "
+                            f"image i's A_i multiplies all its tokens: adv_B.unsqueeze(1)")
+        if weights is not None:
+            A = torch.tensor(adv_B).unsqueeze(1)
+            surrogate = -torch.min(rho * A, rho.clamp(0.8, 1.2) * A)
+            if close(loss, (surrogate.mean(1) + 0.5 * (kl * weights).sum(1)).mean(), 1e-6):
+                raise Wrong(f"{said}: the token weights were applied to the KL term alone; they weigh each token's "
+                            f"whole [surrogate + beta KL]")
+        raise Wrong(said)
 
 
 def check_grpo_loss(grpo_loss) -> bool:
@@ -144,15 +223,25 @@ def check_grpo_loss(grpo_loss) -> bool:
 # Exercise 3: the teacher-forced log-probability of the drawn tokens, under the guidance ramp and the temperature
 # ----------------------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=1)  # the checks only read them (a copy is trained in exercise 4)
 def toy_models():
     return vg.load_models(vg.RunConfig(tiny=True), torch.device("cpu"))
 
 
-def token_logprob_cases(token_logprobs):
+@functools.lru_cache(maxsize=1)
+def toy_draws():
+    """Three toy pyramids of 4 images and their log-probs as the sampler recorded them, at (cfg, temperature)."""
     vae, var = toy_models()
     label_B = torch.tensor([0, 0, 5, 9])
-    for cfg, temperature in [(2.5, 0.8), (0.0, 1.3), (1.5, 1.0)]:
-        drawn = vg.sample(var, vae, label_B, range(300, 304), cfg=cfg, temperature=temperature, return_logprobs=True)
+    return label_B, {(cfg, temperature): vg.sample(var, vae, label_B, range(300, 304), cfg=cfg, temperature=temperature,
+                                                   return_logprobs=True)
+                     for cfg, temperature in [(2.5, 0.8), (0.0, 1.3), (1.5, 1.0)]}
+
+
+def token_logprob_cases(token_logprobs):
+    vae, var = toy_models()
+    label_B, draws = toy_draws()
+    for (cfg, temperature), drawn in draws.items():
         with torch.no_grad():
             got = token_logprobs(var, vae, label_B, drawn.tokens, cfg, temperature)
         if torch.as_tensor(got).shape != drawn.logp_BL.shape:
@@ -164,6 +253,25 @@ def token_logprob_cases(token_logprobs):
             raise Wrong(f"at cfg = {cfg}, temperature = {temperature}, the log-probs differ from the ones the sampler "
                         f"recorded for the same tokens by up to {gap:.3g} (want < 1e-4, so that rho = 1 before any "
                         f"update)." + (f" They match {mistake}." if mistake else ""))
+    # The values are right; GRPO also differentiates them: the gradient of sum_t c_t log pi(a_t) over the weights
+    # must be the project's, through both branches of the guidance (cfg > 0), not only the class branch.
+    drawn = draws[2.5, 0.8]
+    c_BL = torch.randn(drawn.logp_BL.shape, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for fn in (vg.token_logprobs, token_logprobs):
+        var.zero_grad(set_to_none=True)
+        logp_BL = torch.as_tensor(fn(var, vae, label_B, drawn.tokens, 2.5, 0.8))
+        if not logp_BL.requires_grad:
+            raise Wrong("its log-probs carry no gradient (computed under torch.no_grad(), or detached?): GRPO's update "
+                        "differentiates log pi_theta with respect to the transformer's weights")
+        (logp_BL * c_BL).sum().backward()
+        grads.append(torch.cat([torch.zeros(p.numel()) if p.grad is None else p.grad.flatten() for p in var.parameters()]))
+    gap = ((grads[1] - grads[0]).norm() / grads[0].norm()).item()
+    if gap > 1e-4:
+        raise Wrong(f"the values are right, but their gradient with respect to the weights is {gap:.3g} off the "
+                    f"project's (relative; cosine {torch.nn.functional.cosine_similarity(grads[0], grads[1], 0):.3f}): "
+                    f"part of the computation is detached; both guidance branches (the class and the null class) must "
+                    f"carry the gradient")
 
 
 def known_logprob_mistake(var, vae, label_B, tokens, cfg, temperature, got):
@@ -195,19 +303,30 @@ def check_token_logprobs(token_logprobs) -> bool:
 # Exercise 4: one GRPO step (docstring steps 4-8), against the project's grpo_step on copies of one policy
 # ----------------------------------------------------------------------------------------------------------
 
-def grpo_step_cases(grpo_step):
+STEP_SETTING = dict(vg.TINY_DEFAULTS, tiny=True, classes_per_step=2, group_size=4, micro_batch=2, inner_epochs=2,
+                    max_grad_norm=0.05)  # two minibatches of 4 images a pass, each in two micro-batches
+
+
+def one_step(step_fn):
+    """step_fn on a fresh copy of the toy VAR: what it returned, and the trained weights after it."""
     vae, var = toy_models()
-    args = vg.RunConfig(**{**vg.TINY_DEFAULTS, "tiny": True, "classes_per_step": 2, "group_size": 4, "micro_batch": 4,
-                           "inner_epochs": 2, "max_grad_norm": 0.05})
-    label_B = torch.tensor([3, 7]).repeat_interleave(args.group_size)
-    reward_fn = vg.Reward({"area": 1.0})
-    results, weights = [], []
-    for step_fn in (vg.grpo_step, grpo_step):
-        policy = vg.Policy(copy.deepcopy(var), args)
-        opt = torch.optim.AdamW(policy.trained, lr=args.lr, weight_decay=args.weight_decay)
-        results.append(step_fn(policy, vae, reward_fn, opt, label_B, args, 0))
-        weights.append(torch.cat([p.detach().flatten() for p in policy.trained]))
-    want, got = results
+    args = vg.RunConfig(**STEP_SETTING)
+    policy = vg.Policy(copy.deepcopy(var), args)
+    opt = torch.optim.AdamW(policy.trained, lr=args.lr, weight_decay=args.weight_decay)
+    result = step_fn(policy, vae, vg.Reward({"area": 1.0}), opt, torch.tensor([3, 7]).repeat_interleave(4), args, 0)
+    return result, torch.cat([p.detach().flatten() for p in policy.trained])
+
+
+reference_step = functools.lru_cache(maxsize=1)(lambda: one_step(vg.grpo_step))
+
+
+def grpo_step_cases(grpo_step):
+    """What it checks is the step's own work: your advantages, the epochs, the shuffle, the minibatches, zeroing and
+    clipping the gradient. Inside policy.accumulate_gradients the project's grpo_loss and token_logprobs run (yours
+    are checked in exercises 2 and 3); final_run puts all four of yours together."""
+    args = vg.RunConfig(**STEP_SETTING)
+    (want, want_weights), (got, got_weights) = reference_step(), one_step(grpo_step)
+    weights = [want_weights, got_weights]
     if not isinstance(got, dict) or not {"rollout", "adv_B", "stats", "grad_norms"} <= set(got):
         raise Wrong("it must return dict(rollout=..., adv_B=..., stats=..., grad_norms=...), what the log record is made of")
     if not close(got["adv_B"], want["adv_B"]):
@@ -247,6 +366,12 @@ def small_shape_cases(reward):
         raise Wrong(f"on 64 images (64, 3, 32, 32) it returned shape {tuple(got.shape)}; want (64,), one number each")
     if not torch.isfinite(got).all():
         raise Wrong(f"{int((~torch.isfinite(got)).sum())} of its 64 values are not finite")
+    blank = images[:2].clone()
+    blank[:] = images[:2, :, :1, :1]  # the background colour everywhere: no shape at all (a sampler can draw that)
+    on_blank = torch.as_tensor(reward(blank), dtype=torch.float32)
+    if on_blank.shape != (2,) or not torch.isfinite(on_blank).all():
+        raise Wrong(f"on 2 images with no shape (a plain background) it returned {numbers(on_blank)}: a reward must be "
+                    f"finite on every image the policy can draw (1 / area is infinite where the area is 0)")
     if got.std() == 0:
         raise Wrong("it gives every image the same number: every advantage would be 0 and nothing would be learned")
     rank = lambda x: x.argsort().argsort().double()

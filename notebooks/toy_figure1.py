@@ -42,20 +42,36 @@ SETTINGS = {
 }
 
 
+def read(path: Path, how=lambda path: json.loads(path.read_text())):
+    """A file of a finished run, or one line that names it if it cannot be read (torn, damaged)."""
+    try:
+        return how(path)
+    except (OSError, ValueError, vg.WeightsError) as e:
+        raise SystemExit(f"error: {path} cannot be read ({vg.first_line(e)}); remove {path.parent} to run that setting "
+                         f"again") from None
+
+
 def run(name: str, flags: list, root: Path, seed: int) -> dict:
     """One --tiny run; its summary, the wall time, and the final policy. A run that finished before (its summary.json
-    and var_final.pth are there) is read, not repeated; one that a stop interrupted continues with --resume."""
+    and var_final.pth are there) with the same settings and seed (its config.json) is read, not repeated; one that a
+    stop interrupted continues with --resume."""
     out = root / name.replace(" ", "").replace(":", "-").replace("+", "-")
     argv = ["--tiny", "--seed", str(seed), "--out", str(out), *flags]
     command = "python var_grpo.py " + " ".join(a if " " not in a else repr(a) for a in argv[:3] + flags)
     if (out / "summary.json").is_file() and (out / "var_final.pth").is_file() and (out / "seconds.json").is_file():
-        print(f"{name}: finished before in {out}; read from there")
+        config, want = read(out / "config.json"), vars(vg.parse_config(argv))
+        differs = [f"--{k.replace('_', '-')} {config.get(k)!r} there, {v!r} here" for k, v in want.items()
+                   if k not in ("out", "resume") and config.get(k) != v]
+        if differs:
+            raise SystemExit(f"error: {out} holds a finished {name!r} run of other settings ({'; '.join(differs)}); "
+                             f"give another --runs, or remove it to run this setting")
+        print(f"{name}: finished before in {out} (the same settings and seed); read from there")
         with torch.device("meta"):
             var = vg.build_var(vg.TOY_ARCH, vg.TOY_DEPTH)
-        return dict(command=command, seconds=json.loads((out / "seconds.json").read_text()),
-                    summary=json.loads((out / "summary.json").read_text()), var=vg.load_weights(var, out / "var_final.pth"))
+        return dict(command=command, seconds=read(out / "seconds.json"), summary=read(out / "summary.json"),
+                    var=read(out / "var_final.pth", lambda path: vg.load_weights(var, path)))
     resume = ["--resume"] if (out / "checkpoint.pt").is_file() else []
-    before = json.loads((out / "seconds.json").read_text()) if resume and (out / "seconds.json").is_file() else 0.0
+    before = read(out / "seconds.json") if resume and (out / "seconds.json").is_file() else 0.0
     t0 = time.time()
     with contextlib.redirect_stderr(io.StringIO()):  # the progress bar
         result = vg.main(argv + resume)
