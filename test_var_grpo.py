@@ -2344,8 +2344,10 @@ def test_a_second_ctrl_c_mid_save_leaves_no_tmp(tmp_path, monkeypatch):
 # Trust, round 4 (issue 34): rewards of one's own contained, the sampler gap kept, files that are not what they seem
 # ------------------------------------------------------------------------------------------------
 
-def own_module(tmp_path, monkeypatch, code: str, name: str = "mine"):
-    (tmp_path / f"{name}.py").write_text(code)
+def own_module(tmp_path, monkeypatch, code, name: str = "mine"):
+    """A reward module of one's own in tmp_path (None: none), the current directory, imported afresh."""
+    if code is not None:
+        (tmp_path / f"{name}.py").write_text(code)
     monkeypatch.chdir(tmp_path)
     monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.setattr(sys, "path", list(sys.path))  # the run adds the current directory; this test's only
@@ -2511,13 +2513,13 @@ def test_a_fifo_under_a_run_files_name_is_refused_before_any_work(tmp_path, name
 
 def test_open_for_writing_refuses_links_and_fifos_and_x_creates_only_a_new_file(tmp_path):
     (tmp_path / "file").write_text("old")
-    with vg.open_no_symlink(tmp_path / "file", "a") as f:
+    with vg.open_to_write(tmp_path / "file", "a") as f:
         f.write("+")
-    with vg.open_no_symlink(tmp_path / "file", "w") as f:
+    with vg.open_to_write(tmp_path / "file", "w") as f:
         f.write("new")
     assert (tmp_path / "file").read_text() == "new"
     with pytest.raises(FileExistsError):  # atomic_save's temporary file: created here, or not at all
-        vg.open_no_symlink(tmp_path / "file", "xb")
+        vg.open_to_write(tmp_path / "file", "xb")
     (tmp_path / "other").write_text("other")
     os.link(tmp_path / "other", tmp_path / "link")
     os.mkfifo(tmp_path / "fifo")
@@ -2525,7 +2527,7 @@ def test_open_for_writing_refuses_links_and_fifos_and_x_creates_only_a_new_file(
     for name, words in (("link", "hard links"), ("fifo", "not a regular file"), ("sym", "a symbolic link")):
         for mode in ("w", "a", "a+", "xb"):
             with pytest.raises(ValueError, match=words):
-                vg.open_no_symlink(tmp_path / name, mode)
+                vg.open_to_write(tmp_path / name, mode)
     assert (tmp_path / "file").read_text() == "new" and (tmp_path / "other").read_text() == "other"
 
 
@@ -2590,11 +2592,7 @@ def test_own_reward_from_the_readme_is_logged_and_summarised(tmp_path, monkeypat
     ("raise ImportError('needs scipy')\n", "mine:f=1", r"the module 'mine' cannot be imported \(ImportError: needs scipy\)"),
 ])
 def test_own_reward_that_cannot_work_is_one_message_before_any_training(tmp_path, monkeypatch, code, spec, message):
-    if code is not None:
-        (tmp_path / "mine.py").write_text(code)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delitem(sys.modules, "mine", raising=False)
-    monkeypatch.setattr(sys, "path", list(sys.path))  # the run adds the current directory; this test's only
+    own_module(tmp_path, monkeypatch, code)
     monkeypatch.setattr(vg, "grpo_step", lambda *a, **k: pytest.fail("training started"))
     with pytest.raises(SystemExit) as e:
         vg.main(["--tiny", "--reward", f"clip=1,{spec}", "--steps", "1", "--out", str(tmp_path / "run")])
@@ -2605,12 +2603,9 @@ def test_own_reward_that_cannot_work_is_one_message_before_any_training(tmp_path
 def test_own_reward_gets_a_copy_and_its_result_is_detached_float32(tmp_path, monkeypatch):
     """A reward that writes into its input would corrupt what is measured after it (the class accuracy and colour
     shares reuse the images), and one with a graph would break the next micro-batch's backward."""
-    (tmp_path / "mine.py").write_text("import torch\nw = torch.ones(1, requires_grad=True)\n\ndef f(images):\n"
+    own_module(tmp_path, monkeypatch, "import torch\nw = torch.ones(1, requires_grad=True)\n\ndef f(images):\n"
                                       "    with torch.enable_grad():\n        out = images.mean((1, 2, 3)).double() * w\n"
                                       "    images.mul_(0)\n    return out\n")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delitem(sys.modules, "mine", raising=False)
-    monkeypatch.setattr(sys, "path", list(sys.path))
     reward = vg.own_reward("mine:f", 32)
     images = torch.rand(2, 3, 32, 32)
     kept = images.clone()

@@ -883,7 +883,7 @@ def aesthetic_file(args: Config) -> Path:
         raise WeightsError(f"the file downloaded from {AESTHETIC_URL} is not the LAION head (wrong sha256): nothing was kept, run again")
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(f"{dest.name}.{os.getpid()}.part")
-    with open_no_symlink(part, "wb") as f:
+    with open_to_write(part, "wb") as f:
         f.write(response.content)
     os.replace(part, dest)
     return dest
@@ -1399,7 +1399,7 @@ def check_writable(path: Path, what: str):
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"
-        open_no_symlink(probe, "w").close()
+        open_to_write(probe, "w").close()
         probe.unlink()
     except OSError as e:
         raise ValueError(f"{what} {path}: cannot create or write files there ({e.strerror or e})") from None
@@ -1908,7 +1908,7 @@ def refuse_odd_file(path: Path):
         raise ValueError(f"{path} is {what}, which this script never writes through: replace it by a copy or remove it")
 
 
-def open_no_symlink(path: Path, mode: str = "w"):
+def open_to_write(path: Path, mode: str = "w"):
     """open(path, mode) for writing, refusing what refuse_odd_file refuses; "x": only a file it creates itself."""
     refuse_odd_file(path)
     flags = os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)  # (a link or FIFO put there since)
@@ -1917,12 +1917,12 @@ def open_no_symlink(path: Path, mode: str = "w"):
 
 
 def write_text(path: Path, text: str):
-    with open_no_symlink(path, "w") as f:
+    with open_to_write(path, "w") as f:
         f.write(text)
 
 
 def save_png(image, path: Path):
-    with open_no_symlink(path, "wb") as f:
+    with open_to_write(path, "wb") as f:
         image.save(f, format="PNG")
 
 
@@ -1931,7 +1931,7 @@ def atomic_save(obj, path: Path):
     tmp = path.with_name(path.name + ".tmp")
     try:
         tmp.unlink(missing_ok=True)  # a .tmp left by a crash, or a link planted there: removed, never written through
-        with open_no_symlink(tmp, "xb") as f:
+        with open_to_write(tmp, "xb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
@@ -1980,7 +1980,7 @@ def run_lock(out: Path):
         fcntl = None
     lock, written = out / ".lock", lambda: [(out / n).stat().st_mtime_ns for n in RUN_FILES if (out / n).exists()]
     created, before = not os.path.lexists(lock), written()
-    with open_no_symlink(lock, "a+") as f:
+    with open_to_write(lock, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -2005,7 +2005,7 @@ STUCK_STEPS = 5  # steps in a row with every advantage 0 before log_step warns
 def log_step(records: List[dict], metrics_path: Path, args: Config):
     """The last record as a line of metrics.jsonl and a line for a person; a warning after STUCK_STEPS zero-advantage steps."""
     rec = records[-1]
-    with open_no_symlink(metrics_path, "a") as f:
+    with open_to_write(metrics_path, "a") as f:
         f.write(json.dumps(rec) + "\n")
     from tqdm import tqdm
     tqdm.write(f"step {rec['step']:4d} | reward {rec['reward_mean']:.4f} +- {rec['reward_std']:.4f} | kl_ref {rec['kl_ref']:.2e} | "

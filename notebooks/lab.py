@@ -196,8 +196,9 @@ def grpo_loss_cases(grpo_loss):
                         f"(B,), must be unsqueezed to (B, 1) to multiply the (B, L) ratios") from None
         if close(torch.as_tensor(loss).detach(), want, 1e-6):
             continue
-        said = (f"{B} images of 3 tokens, A = {adv_B}, eps_clip = 0.2, beta = 0.5, weights {weights if weights is None else numbers(weights)}: "
-                f"J = {torch.as_tensor(loss).detach().double().sum().item():.6g}, want {want.item():.6g}")
+        J = torch.as_tensor(loss).detach().double().sum().item()  # (summed, should a wrong answer not be a scalar)
+        said = (f"{B} images of 3 tokens, A = {adv_B}, eps_clip = 0.2, beta = 0.5, token weights "
+                f"{'none' if weights is None else numbers(weights)}: J = {J:.6g}, want {want.item():.6g}")
         rho = (args[0] - args[1]).exp()
         q = args[3] - args[0]
         kl = q.exp() - q - 1
